@@ -1,0 +1,32 @@
+/* zenithctl's commands, one function each; they return the process exit code
+ * (0 success, 1 the operation failed, 2 a usage error). */
+#ifndef ZN_CTL_H
+#define ZN_CTL_H
+
+#include "zenith.pb-c.h"
+#include "zn_rpc.h"
+
+typedef struct {
+  const char* coordinator;
+  int argc;      /* argv[0] is the command's name */
+  char** argv;
+} ctl_args;
+
+int ctl_submit(const ctl_args* a);
+int ctl_list(const ctl_args* a);
+int ctl_status(const ctl_args* a);
+int ctl_watch(const ctl_args* a);
+int ctl_cancel(const ctl_args* a);
+
+/* Shared by the commands. */
+#define CTL_TIMEOUT_MS 10000
+/* Runs one unary call; on failure prints "zenithctl: CODE: message" and returns NULL. */
+ProtobufCMessage* ctl_call(const ctl_args* a, const char* method, const ProtobufCMessage* req,
+                           const ProtobufCMessageDescriptor* resp_type);
+const char* ctl_state_name(int state);
+/* Prints a job as JSON (one object, newline-terminated). */
+void ctl_print_job_json(const Zenith__V1__Job* job);
+/* Watches a job until it ends; returns 0 if it succeeded. */
+int ctl_watch_job(const ctl_args* a, const char* id);
+
+#endif

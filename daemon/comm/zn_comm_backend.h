@@ -1,0 +1,39 @@
+/* The table of operations a collectives backend (Gloo today, NCCL later) provides to the
+ * dispatch in zn_comm.c. Internal to daemon/comm: callers use zn_comm.h.
+ *
+ * The dispatch validates arguments, handles the world of one without a backend and adds the
+ * operation and rank to error messages, so a backend only moves bytes and reports the text of
+ * its own failure into err. Backend functions must not let a C++ exception escape. */
+#ifndef ZN_COMM_BACKEND_H
+#define ZN_COMM_BACKEND_H
+
+#include <stddef.h>
+
+#include "zn_comm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { ZN_COMM_F32, ZN_COMM_F64 } zn_comm_dtype;
+
+typedef struct {
+  const char* name;
+  int (*allreduce_sum)(void* impl, void* buf, size_t n, zn_comm_dtype dtype, char* err,
+                       size_t errlen);
+  int (*broadcast)(void* impl, void* buf, size_t bytes, int root, char* err, size_t errlen);
+  int (*barrier)(void* impl, char* err, size_t errlen);
+  void (*destroy)(void* impl);
+} zn_comm_ops;
+
+/* Connects to the peers named by cfg (size >= 2, already validated) and returns the backend's
+ * state in *impl. */
+int zn_comm_gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void** impl, char* err,
+                         size_t errlen);
+extern const zn_comm_ops zn_comm_gloo_ops;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

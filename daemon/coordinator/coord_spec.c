@@ -1,0 +1,80 @@
+/* Spec validation and defaults; see coord_spec.h. */
+#include "coord_spec.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FAIL(...)                          \
+  do {                                     \
+    snprintf(err, errlen, __VA_ARGS__);    \
+    return -1;                             \
+  } while (0)
+
+static int known_model(const char* m) {
+  return m && (strcmp(m, "mlp") == 0 || strcmp(m, "cnn") == 0);
+}
+
+static int validate_optimizer(const Zenith__V1__ZenithParams* p, char* err, size_t errlen) {
+  if (!p) return 0;
+  if (!isfinite(p->lr0) || p->lr0 <= 0)
+    FAIL("optimizer.lr0: must be a finite number > 0 (got %g)", p->lr0);
+  if (p->window < 1 || p->window > 1000000)
+    FAIL("optimizer.window: must be between 1 and 1000000 steps (got %d)", p->window);
+  if (!isfinite(p->momentum) || p->momentum < 0 || p->momentum >= 1)
+    FAIL("optimizer.momentum: must be in [0, 1) (got %g)", p->momentum);
+  if (!isfinite(p->weight_decay) || p->weight_decay < 0)
+    FAIL("optimizer.weight_decay: must be >= 0 (got %g)", p->weight_decay);
+  if (!isfinite(p->decoupled_decay) || p->decoupled_decay < 0)
+    FAIL("optimizer.decoupled_decay: must be >= 0 (got %g)", p->decoupled_decay);
+  if (!isfinite(p->lr_min) || p->lr_min < 0 || p->lr_min > p->lr0)
+    FAIL("optimizer.lr_min: must be in [0, lr0 = %g] (got %g)", p->lr0, p->lr_min);
+  if (!isfinite(p->spike_factor) || p->spike_factor < 0)
+    FAIL("optimizer.spike_factor: must be >= 0, 0 turns the guard off (got %g)", p->spike_factor);
+  return 0;
+}
+
+int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errlen) {
+  if (!spec) FAIL("spec: missing");
+  if (!known_model(spec->model))
+    FAIL("model: unknown model '%s'; choose mlp or cnn", spec->model ? spec->model : "");
+  if (spec->dataset && spec->dataset[0] && strcmp(spec->dataset, "fashion-mnist") != 0)
+    FAIL("dataset: unknown dataset '%s'; the supported dataset is fashion-mnist", spec->dataset);
+  if (spec->workers < 1 || spec->workers > ZN_MAX_WORKERS)
+    FAIL("workers: must be between 1 and %d (got %d)", ZN_MAX_WORKERS, spec->workers);
+  if (spec->batch_size < 1 || spec->batch_size > 65536)
+    FAIL("batch_size: must be between 1 and 65536 (got %d)", spec->batch_size);
+  if (spec->batch_size % spec->workers != 0)
+    FAIL("batch_size: %d is not divisible by workers = %d; each worker takes an equal slice",
+         spec->batch_size, spec->workers);
+  if (spec->epochs < 0) FAIL("epochs: must be >= 0 (got %d)", spec->epochs);
+  if (spec->max_steps < 0) FAIL("max_steps: must be >= 0 (got %lld)", (long long)spec->max_steps);
+  if (spec->epochs == 0 && spec->max_steps == 0)
+    FAIL("epochs, max_steps: set at least one of them to a positive number");
+  if (spec->eval_every < 0) FAIL("eval_every: must be >= 0 (got %d)", spec->eval_every);
+  if (spec->threads < 0 || spec->threads > 1024)
+    FAIL("threads: must be between 0 and 1024 (got %d)", spec->threads);
+  return validate_optimizer(spec->optimizer, err, errlen);
+}
+
+static void set_default_string(char** field, const char* value) {
+  if (*field && (*field)[0]) return;
+  free(*field);
+  *field = strdup(value);
+}
+
+void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec) {
+  set_default_string(&spec->dataset, "fashion-mnist");
+  set_default_string(&spec->data_dir, ZN_DEFAULT_DATA_DIR);
+  set_default_string(&spec->name, "");
+  spec->has_workers = spec->has_batch_size = spec->has_epochs = spec->has_max_steps = 1;
+  spec->has_seed = spec->has_eval_every = spec->has_threads = 1;
+  if (!spec->optimizer) {
+    spec->optimizer = malloc(sizeof *spec->optimizer);
+    zenith__v1__zenith_params__init(spec->optimizer);
+  }
+  Zenith__V1__ZenithParams* p = spec->optimizer;
+  p->has_lr0 = p->has_window = p->has_momentum = p->has_nesterov = 1;
+  p->has_weight_decay = p->has_decoupled_decay = p->has_lr_min = p->has_spike_factor = 1;
+}

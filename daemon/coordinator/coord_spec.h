@@ -1,0 +1,22 @@
+/* Checking a submitted job spec and filling in its defaults. Everything a
+ * coordinator can judge without the data is judged here, so that a bad spec is
+ * refused at SubmitJob with a message naming the field, instead of failing
+ * later on a worker. */
+#ifndef ZN_COORD_SPEC_H
+#define ZN_COORD_SPEC_H
+
+#include <stddef.h>
+
+#include "zenith.pb-c.h"
+
+#define ZN_DEFAULT_DATA_DIR "/usr/share/datasets/fashion-mnist"
+#define ZN_MAX_WORKERS 256
+
+/* 0 when valid; otherwise writes "field: what is wrong" into err. */
+int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errlen);
+
+/* Fills every unset field of a valid spec with its default (in place; the
+ * spec must own its strings through malloc, as an unpacked message does). */
+void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec);
+
+#endif

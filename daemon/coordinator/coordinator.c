@@ -1,0 +1,786 @@
+/* The coordinator daemon: the user-facing Zenith service, the worker-facing
+ * Workers service, the scheduler and the metric fan-out to watchers.
+ *
+ * Everything runs on the RPC server's one thread (handlers and a 100 ms tick),
+ * so the state below needs no locks. Jobs, their metrics, evaluations and
+ * events are written to the SQLite store before they are announced, so what a
+ * watcher has seen survives a restart. Workers are known only in memory: after
+ * a restart they are told to register again. */
+#include "coordinator.h"
+
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coord_kv.h"
+#include "coord_spec.h"
+#include "zenith.pb-c.h"
+#include "zn_err.h"
+#include "zn_log.h"
+#include "zn_rpc.h"
+#include "zn_store.h"
+#include "zn_time.h"
+
+typedef Zenith__V1__Job Job;
+
+typedef struct worker {
+  char id[64];
+  char name[128];
+  char host[128];
+  int64_t last_seen_ms;
+  int64_t registered_ms;
+  int lost;
+  char job_id[64];         /* job it runs or was given; empty when idle */
+  int rank;
+  int assignment_pending;  /* given a job, not yet told */
+  struct worker* next;
+} worker;
+
+typedef struct watcher {
+  zn_rpc_call* call;
+  struct watcher* next;
+} watcher;
+
+/* A job that is queued or running; final jobs live in the store only. */
+typedef struct active_job {
+  Job* job;
+  int attempt;
+  int ranks_done;
+  watcher* watchers;
+  struct active_job* next;
+} active_job;
+
+typedef struct coordinator {
+  coord_config cfg;
+  zn_rpc_server* server;
+  zn_store* store;
+  coord_kv* kv;
+  worker* workers;       /* in registration order */
+  active_job* active;    /* in submission order */
+  int next_worker;
+} coordinator;
+
+static zn_rpc_server* volatile signal_target;
+
+static void on_signal(int sig) {
+  if (signal_target) zn_rpc_server_stop(signal_target);
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+static const char* state_name(int state) {
+  const ProtobufCEnumValue* v =
+      protobuf_c_enum_descriptor_get_value(&zenith__v1__job_state__descriptor, state);
+  return v ? v->name : "UNKNOWN";
+}
+
+static int is_final(int state) {
+  return state == ZENITH__V1__JOB_STATE__SUCCEEDED || state == ZENITH__V1__JOB_STATE__FAILED ||
+         state == ZENITH__V1__JOB_STATE__CANCELLED;
+}
+
+static void set_string(char** field, const char* value) {
+  free(*field);
+  *field = strdup(value);
+}
+
+/* A deep copy whose every part is malloc'd, so it can be edited field by
+ * field and released with free_unpacked. */
+static void* clone_message(const ProtobufCMessage* msg) {
+  size_t len = protobuf_c_message_get_packed_size(msg);
+  uint8_t* buf = malloc(len ? len : 1);
+  protobuf_c_message_pack(msg, buf);
+  void* copy = protobuf_c_message_unpack(msg->descriptor, NULL, len, buf);
+  free(buf);
+  return copy;
+}
+
+static active_job* find_active(coordinator* co, const char* id) {
+  for (active_job* a = co->active; a; a = a->next)
+    if (strcmp(a->job->id, id) == 0) return a;
+  return NULL;
+}
+
+static worker* find_worker(coordinator* co, const char* id) {
+  for (worker* w = co->workers; w; w = w->next)
+    if (!w->lost && strcmp(w->id, id) == 0) return w;
+  return NULL;
+}
+
+static void save_job(coordinator* co, const Job* job) {
+  if (zn_store_put_job(co->store, job) != ZN_OK)
+    ZN_ERROR("job %s: could not be saved to the state database", job->id);
+}
+
+static void broadcast(active_job* a, const Zenith__V1__WatchJobResponse* item) {
+  watcher** p = &a->watchers;
+  while (*p) {
+    if (zn_rpc_stream_write((*p)->call, &item->base) != 0) {
+      watcher* gone = *p;
+      *p = gone->next;
+      free(gone);
+    } else {
+      p = &(*p)->next;
+    }
+  }
+}
+
+static void record_event(coordinator* co, active_job* a, const char* kind, const char* fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void record_event(coordinator* co, active_job* a, const char* kind, const char* fmt, ...) {
+  char text[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(text, sizeof text, fmt, ap);
+  va_end(ap);
+  Zenith__V1__JobEvent ev = ZENITH__V1__JOB_EVENT__INIT;
+  ev.has_unix_ms = 1;
+  ev.unix_ms = zn_unix_ms();
+  ev.kind = (char*)kind;
+  ev.message = text;
+  zn_store_append_event(co->store, a->job->id, &ev);
+  Zenith__V1__WatchJobResponse item = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
+  item.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_EVENT;
+  item.event = &ev;
+  broadcast(a, &item);
+}
+
+static void announce_job(active_job* a) {
+  Zenith__V1__WatchJobResponse item = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
+  item.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_JOB;
+  item.job = a->job;
+  broadcast(a, &item);
+}
+
+static void release_workers(coordinator* co, const char* job_id) {
+  for (worker* w = co->workers; w; w = w->next) {
+    if (strcmp(w->job_id, job_id) == 0 && w->assignment_pending) {
+      w->job_id[0] = '\0';
+      w->assignment_pending = 0;
+    }
+  }
+}
+
+static void drop_active(coordinator* co, active_job* target) {
+  for (active_job** p = &co->active; *p; p = &(*p)->next) {
+    if (*p == target) {
+      *p = target->next;
+      break;
+    }
+  }
+  for (watcher* w = target->watchers; w;) {
+    watcher* next = w->next;
+    zn_rpc_stream_finish(w->call, ZN_RPC_OK, "");
+    free(w);
+    w = next;
+  }
+  zenith__v1__job__free_unpacked(target->job, NULL);
+  free(target);
+}
+
+/* Moves a job to a final state: saved, announced, watchers closed. Workers
+ * still on it learn from their next heartbeat that it is over. */
+static void end_job(coordinator* co, active_job* a, int state, const char* error) {
+  Job* job = a->job;
+  job->state = state;
+  job->has_state = 1;
+  job->has_finished_unix_ms = 1;
+  job->finished_unix_ms = zn_unix_ms();
+  if (error) set_string(&job->error, error);
+  set_string(&job->reason, "");
+  save_job(co, job);
+
+  const char* kind = state == ZENITH__V1__JOB_STATE__SUCCEEDED ? "succeeded"
+                     : state == ZENITH__V1__JOB_STATE__FAILED  ? "failed"
+                                                               : "cancelled";
+  if (state == ZENITH__V1__JOB_STATE__SUCCEEDED)
+    record_event(co, a, kind, "job succeeded after %lld steps: test accuracy %.4f",
+                 (long long)job->step, job->test_accuracy);
+  else
+    record_event(co, a, kind, "job %s%s%s", kind, error ? ": " : "", error ? error : "");
+  ZN_INFO("job %s %s%s%s", job->id, state_name(state), error ? ": " : "", error ? error : "");
+
+  char prefix[96];
+  snprintf(prefix, sizeof prefix, "%s/", job->id);
+  coord_kv_drop_prefix(co->kv, prefix);
+  release_workers(co, job->id);
+  announce_job(a);
+  drop_active(co, a);
+}
+
+/* ---------------------------------------------------------------- Zenith service */
+
+static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__SubmitJobRequest* req = (const void*)msg;
+  char err[512];
+  if (coord_spec_validate(req->spec, err, sizeof err) != 0) {
+    zn_rpc_fail(call, ZN_RPC_INVALID_ARGUMENT, "invalid job spec: %s", err);
+    return;
+  }
+
+  Job draft = ZENITH__V1__JOB__INIT;
+  char id[64];
+  if (zn_store_new_job_id(co->store, id, sizeof id) != ZN_OK) {
+    zn_rpc_fail(call, ZN_RPC_INTERNAL, "the coordinator's database could not allocate a job id");
+    return;
+  }
+  draft.id = id;
+  draft.spec = req->spec;
+  draft.has_state = 1;
+  draft.state = ZENITH__V1__JOB_STATE__QUEUED;
+  draft.has_created_unix_ms = 1;
+  draft.created_unix_ms = zn_unix_ms();
+  draft.reason = "waiting for workers";
+
+  active_job* a = calloc(1, sizeof *a);
+  a->job = clone_message(&draft.base);
+  coord_spec_fill_defaults(a->job->spec);
+  save_job(co, a->job);
+  for (active_job** p = &co->active;; p = &(*p)->next) {
+    if (!*p) {
+      *p = a;
+      break;
+    }
+  }
+  record_event(co, a, "submitted", "job submitted: model %s, %d worker(s), batch %d",
+               a->job->spec->model, a->job->spec->workers, a->job->spec->batch_size);
+  ZN_INFO("job %s QUEUED: model %s, %d worker(s), batch %d, %d epoch(s), max %lld steps", id,
+          a->job->spec->model, a->job->spec->workers, a->job->spec->batch_size,
+          a->job->spec->epochs, (long long)a->job->spec->max_steps);
+
+  Zenith__V1__SubmitJobResponse resp = ZENITH__V1__SUBMIT_JOB_RESPONSE__INIT;
+  resp.job = a->job;
+  zn_rpc_reply(call, &resp.base);
+}
+
+/* The current view of a job: live if active, else from the store. */
+static Job* load_job(coordinator* co, const char* id, int* owned) {
+  active_job* a = find_active(co, id);
+  *owned = 0;
+  if (a) return a->job;
+  Job* job = NULL;
+  if (zn_store_get_job(co->store, id, &job) != ZN_OK) return NULL;
+  *owned = 1;
+  return job;
+}
+
+static void handle_get(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__GetJobRequest* req = (const void*)msg;
+  int owned;
+  Job* job = load_job(co, req->id ? req->id : "", &owned);
+  if (!job) {
+    zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'; `zenithctl list` shows them",
+                req->id ? req->id : "");
+    return;
+  }
+  zn_rpc_reply(call, &job->base);
+  if (owned) zenith__v1__job__free_unpacked(job, NULL);
+}
+
+static void handle_list(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  Job** jobs = NULL;
+  size_t n = 0;
+  if (zn_store_list_jobs(co->store, &jobs, &n) != ZN_OK) {
+    zn_rpc_fail(call, ZN_RPC_INTERNAL, "the coordinator's database could not list jobs");
+    return;
+  }
+  /* Active jobs change faster than they are saved: answer with their live view. */
+  Job** view = malloc((n ? n : 1) * sizeof *view);
+  for (size_t i = 0; i < n; i++) {
+    active_job* a = find_active(co, jobs[i]->id);
+    view[i] = a ? a->job : jobs[i];
+  }
+  Zenith__V1__ListJobsResponse resp = ZENITH__V1__LIST_JOBS_RESPONSE__INIT;
+  resp.n_jobs = n;
+  resp.jobs = view;
+  zn_rpc_reply(call, &resp.base);
+  free(view);
+  zn_store_free_jobs(jobs, n);
+}
+
+static void handle_cancel(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__CancelJobRequest* req = (const void*)msg;
+  const char* id = req->id ? req->id : "";
+  active_job* a = find_active(co, id);
+  if (!a) {
+    int owned;
+    Job* job = load_job(co, id, &owned);
+    if (!job) {
+      zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'", id);
+      return;
+    }
+    zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "job %s has already ended (%s)", id,
+                state_name(job->state));
+    if (owned) zenith__v1__job__free_unpacked(job, NULL);
+    return;
+  }
+  Job* snapshot = clone_message(&a->job->base);
+  end_job(co, a, ZENITH__V1__JOB_STATE__CANCELLED, NULL);
+  snapshot->state = ZENITH__V1__JOB_STATE__CANCELLED;
+  zn_rpc_reply(call, &snapshot->base);
+  zenith__v1__job__free_unpacked(snapshot, NULL);
+}
+
+typedef struct {
+  zn_rpc_call* call;
+} replay_ctx;
+
+static int replay_one(void* ud, const Zenith__V1__WatchJobResponse* item) {
+  replay_ctx* ctx = ud;
+  return zn_rpc_stream_write(ctx->call, &item->base) == 0 ? 0 : 1;
+}
+
+static void on_watcher_gone(void* ud, zn_rpc_call* call) {
+  coordinator* co = ud;
+  for (active_job* a = co->active; a; a = a->next) {
+    for (watcher** p = &a->watchers; *p; p = &(*p)->next) {
+      if ((*p)->call == call) {
+        watcher* gone = *p;
+        *p = gone->next;
+        free(gone);
+        return;
+      }
+    }
+  }
+}
+
+static void handle_watch(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__WatchJobRequest* req = (const void*)msg;
+  int owned;
+  Job* job = load_job(co, req->id ? req->id : "", &owned);
+  if (!job) {
+    zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'", req->id ? req->id : "");
+    return;
+  }
+  Zenith__V1__WatchJobResponse first = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
+  first.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_JOB;
+  first.job = job;
+  zn_rpc_stream_write(call, &first.base);
+  replay_ctx ctx = {call};
+  zn_store_replay(co->store, job->id, replay_one, &ctx);
+
+  if (owned) {  /* already final: the replay is the whole story */
+    zn_rpc_stream_write(call, &first.base);
+    zn_rpc_stream_finish(call, ZN_RPC_OK, "");
+    zenith__v1__job__free_unpacked(job, NULL);
+    return;
+  }
+  active_job* a = find_active(co, job->id);
+  watcher* w = calloc(1, sizeof *w);
+  w->call = call;
+  w->next = a->watchers;
+  a->watchers = w;
+  zn_rpc_call_on_close(call, on_watcher_gone, co);
+}
+
+/* ---------------------------------------------------------------- Workers service */
+
+static void handle_register(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__RegisterRequest* req = (const void*)msg;
+  if (!req->name || !req->name[0] || strlen(req->name) >= sizeof(((worker*)0)->name)) {
+    zn_rpc_fail(call, ZN_RPC_INVALID_ARGUMENT, "Register: name must be 1 to 127 characters");
+    return;
+  }
+  for (worker* w = co->workers; w; w = w->next) {
+    if (!w->lost && strcmp(w->name, req->name) == 0) {
+      /* The same worker back after a restart of its own, or a name clash:
+       * either way the newest process is the one that answers heartbeats. */
+      ZN_WARN("worker %s registered again; its previous registration %s is dropped", req->name,
+              w->id);
+      w->lost = 1;
+      if (w->job_id[0]) {
+        active_job* a = find_active(co, w->job_id);
+        if (a && a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
+          char why[256];
+          snprintf(why, sizeof why, "worker %s (rank %d) restarted while running the job",
+                   w->name, w->rank);
+          end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
+        }
+      }
+    }
+  }
+  worker* w = calloc(1, sizeof *w);
+  snprintf(w->id, sizeof w->id, "w-%d", ++co->next_worker);
+  snprintf(w->name, sizeof w->name, "%s", req->name);
+  snprintf(w->host, sizeof w->host, "%s", req->host && req->host[0] ? req->host : "127.0.0.1");
+  w->last_seen_ms = w->registered_ms = zn_unix_ms();
+  worker** tail = &co->workers;
+  while (*tail) tail = &(*tail)->next;
+  *tail = w;
+  ZN_INFO("worker %s registered as %s from %s (host %s, pid %d)", w->name, w->id,
+          zn_rpc_call_peer(call), w->host, req->pid);
+
+  Zenith__V1__RegisterResponse resp = ZENITH__V1__REGISTER_RESPONSE__INIT;
+  resp.worker_id = w->id;
+  resp.has_heartbeat_ms = 1;
+  resp.heartbeat_ms = co->cfg.heartbeat_ms;
+  zn_rpc_reply(call, &resp.base);
+}
+
+static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__HeartbeatRequest* req = (const void*)msg;
+  Zenith__V1__HeartbeatResponse resp = ZENITH__V1__HEARTBEAT_RESPONSE__INIT;
+  worker* w = find_worker(co, req->worker_id ? req->worker_id : "");
+  if (!w) {
+    resp.has_reregister = 1;
+    resp.reregister = 1;
+    zn_rpc_reply(call, &resp.base);
+    return;
+  }
+  w->last_seen_ms = zn_unix_ms();
+
+  Zenith__V1__Assignment asg = ZENITH__V1__ASSIGNMENT__INIT;
+  active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
+  const char* running = req->job_id ? req->job_id : "";
+  if (w->assignment_pending && a) {
+    char prefix[96];
+    snprintf(prefix, sizeof prefix, "%s/%d/", a->job->id, a->attempt);
+    asg.job_id = a->job->id;
+    asg.has_attempt = asg.has_rank = asg.has_world_size = 1;
+    asg.attempt = a->attempt;
+    asg.rank = w->rank;
+    asg.world_size = a->job->spec->workers;
+    asg.spec = a->job->spec;
+    asg.kv_prefix = prefix;
+    resp.assignment = &asg;
+    w->assignment_pending = 0;
+    zn_rpc_reply(call, &resp.base);
+    return;
+  }
+  if (running[0] && (!a || strcmp(running, a->job->id) != 0 ||
+                     a->job->state != ZENITH__V1__JOB_STATE__RUNNING)) {
+    resp.has_cancel = 1;
+    resp.cancel = 1;
+  }
+  zn_rpc_reply(call, &resp.base);
+}
+
+static active_job* job_of_worker(coordinator* co, zn_rpc_call* call, const char* worker_id,
+                                 const char* job_id, worker** w_out) {
+  worker* w = find_worker(co, worker_id ? worker_id : "");
+  *w_out = w;
+  if (!w) {
+    zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "unknown worker '%s'; register first",
+                worker_id ? worker_id : "");
+    return NULL;
+  }
+  w->last_seen_ms = zn_unix_ms();
+  return job_id ? find_active(co, job_id) : NULL;
+}
+
+static void apply_metrics(coordinator* co, active_job* a, const Zenith__V1__ReportMetricsRequest* r) {
+  Job* job = a->job;
+  if (r->has_total_steps) {
+    job->has_total_steps = 1;
+    job->total_steps = r->total_steps;
+  }
+  if (r->n_metrics) {
+    zn_store_append_metrics(co->store, job->id, r->metrics, r->n_metrics);
+    const Zenith__V1__StepMetrics* last = r->metrics[r->n_metrics - 1];
+    if (job->last) zenith__v1__step_metrics__free_unpacked(job->last, NULL);
+    job->last = clone_message(&last->base);
+    job->has_step = job->has_epoch = 1;
+    job->step = last->step;
+    job->epoch = last->epoch;
+  }
+  for (size_t i = 0; i < r->n_evals; i++) {
+    zn_store_append_eval(co->store, job->id, r->evals[i]);
+    ZN_INFO("job %s eval at step %lld: test loss %.4f, test accuracy %.4f", job->id,
+            (long long)r->evals[i]->step, r->evals[i]->test_loss, r->evals[i]->test_accuracy);
+  }
+  save_job(co, job);
+
+  Zenith__V1__WatchJobResponse item = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
+  item.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_METRICS;
+  for (size_t i = 0; i < r->n_metrics; i++) {
+    item.metrics = r->metrics[i];
+    broadcast(a, &item);
+  }
+  item.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_EVAL;
+  for (size_t i = 0; i < r->n_evals; i++) {
+    item.eval = r->evals[i];
+    broadcast(a, &item);
+  }
+}
+
+static void handle_report(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__ReportMetricsRequest* req = (const void*)msg;
+  worker* w;
+  active_job* a = job_of_worker(co, call, req->worker_id, req->job_id, &w);
+  if (!w) return;
+  Zenith__V1__ReportMetricsResponse resp = ZENITH__V1__REPORT_METRICS_RESPONSE__INIT;
+  resp.has_cancel = 1;
+  resp.cancel = !a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING;
+  if (!resp.cancel) apply_metrics(co, a, req);
+  zn_rpc_reply(call, &resp.base);
+}
+
+static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
+  coordinator* co = ud;
+  const Zenith__V1__FinishJobRequest* req = (const void*)msg;
+  worker* w;
+  active_job* a = job_of_worker(co, call, req->worker_id, req->job_id, &w);
+  if (!w) return;
+  int rank = w->rank;
+  if (req->job_id && strcmp(w->job_id, req->job_id) == 0) w->job_id[0] = '\0';
+  Zenith__V1__FinishJobResponse resp = ZENITH__V1__FINISH_JOB_RESPONSE__INIT;
+  zn_rpc_reply(call, &resp.base);
+  if (!a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING) return;
+
+  if (!req->ok && !req->cancelled) {
+    char why[1200];
+    snprintf(why, sizeof why, "rank %d (worker %s): %s", rank, w->name,
+             req->error && req->error[0] ? req->error : "failed without a message");
+    end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
+    return;
+  }
+  if (req->has_test_result) {
+    a->job->has_has_test_result = a->job->has_test_result = 1;
+    a->job->has_test_loss = a->job->has_test_accuracy = 1;
+    a->job->test_loss = req->test_loss;
+    a->job->test_accuracy = req->test_accuracy;
+  }
+  if (req->has_steps) {
+    a->job->has_step = 1;
+    a->job->step = req->steps;
+  }
+  if (++a->ranks_done == a->job->spec->workers) {
+    if (req->cancelled && !req->ok)
+      end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, "the workers stopped the job early");
+    else
+      end_job(co, a, ZENITH__V1__JOB_STATE__SUCCEEDED, NULL);
+  }
+}
+
+/* ---------------------------------------------------------------- scheduler */
+
+static int idle_workers(coordinator* co, worker** out, int want) {
+  int n = 0;
+  for (worker* w = co->workers; w && n < want; w = w->next)
+    if (!w->lost && !w->job_id[0]) out[n++] = w;
+  return n;
+}
+
+static void start_job(coordinator* co, active_job* a, worker** chosen) {
+  Job* job = a->job;
+  int n = job->spec->workers;
+  a->attempt++;
+  a->ranks_done = 0;
+  for (size_t i = 0; i < job->n_workers; i++) free(job->workers[i]);
+  free(job->workers);
+  job->workers = calloc(n, sizeof(char*));
+  job->n_workers = n;
+  for (int r = 0; r < n; r++) {
+    snprintf(chosen[r]->job_id, sizeof chosen[r]->job_id, "%s", job->id);
+    chosen[r]->rank = r;
+    chosen[r]->assignment_pending = 1;
+    job->workers[r] = strdup(chosen[r]->name);
+  }
+  job->state = ZENITH__V1__JOB_STATE__RUNNING;
+  job->has_started_unix_ms = 1;
+  job->started_unix_ms = zn_unix_ms();
+  set_string(&job->reason, "");
+  save_job(co, job);
+  record_event(co, a, "started", "job started on %d worker(s); rank 0 is %s", n, job->workers[0]);
+  ZN_INFO("job %s RUNNING on %d worker(s), rank 0 = %s", job->id, n, job->workers[0]);
+  announce_job(a);
+}
+
+static void schedule(coordinator* co) {
+  for (active_job* a = co->active; a; a = a->next) {
+    Job* job = a->job;
+    if (job->state != ZENITH__V1__JOB_STATE__QUEUED) continue;
+    int want = job->spec->workers;
+    worker** chosen = calloc(want, sizeof *chosen);
+    int have = idle_workers(co, chosen, want);
+    if (have == want) {
+      start_job(co, a, chosen);
+    } else {
+      char reason[160];
+      snprintf(reason, sizeof reason, "waiting for workers: %d idle of %d needed", have, want);
+      if (!job->reason || strcmp(job->reason, reason) != 0) {
+        set_string(&job->reason, reason);
+        announce_job(a);
+      }
+    }
+    free(chosen);
+  }
+}
+
+static void check_liveness(coordinator* co) {
+  int64_t now = zn_unix_ms();
+  for (worker* w = co->workers; w; w = w->next) {
+    if (w->lost || now - w->last_seen_ms <= co->cfg.worker_timeout_ms) continue;
+    w->lost = 1;
+    ZN_WARN("worker %s (%s) lost: no heartbeat for %.1f s", w->name, w->id,
+            (now - w->last_seen_ms) / 1000.0);
+    active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
+    if (!a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING) continue;
+    char why[300];
+    snprintf(why, sizeof why, "worker %s (rank %d) lost: no heartbeat for %.1f s", w->name,
+             w->rank, (now - w->last_seen_ms) / 1000.0);
+    record_event(co, a, "worker_lost", "%s", why);
+    end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
+  }
+  /* Forget lost workers that no job refers to any more. */
+  worker** p = &co->workers;
+  while (*p) {
+    worker* w = *p;
+    if (w->lost) {
+      *p = w->next;
+      free(w);
+    } else {
+      p = &w->next;
+    }
+  }
+}
+
+static void tick(void* ud) {
+  coordinator* co = ud;
+  check_liveness(co);
+  schedule(co);
+  coord_kv_expire(co->kv);
+}
+
+/* ---------------------------------------------------------------- start-up */
+
+/* Jobs that were running when the coordinator stopped go back to the queue:
+ * their workers are told to register again, and the job starts over. */
+static int load_active_jobs(coordinator* co) {
+  Job** jobs = NULL;
+  size_t n = 0;
+  if (zn_store_list_jobs(co->store, &jobs, &n) != ZN_OK) return ZN_ERR_STORE;
+  active_job** tail = &co->active;
+  for (size_t i = 0; i < n; i++) {
+    if (is_final(jobs[i]->state)) continue;
+    active_job* a = calloc(1, sizeof *a);
+    a->job = clone_message(&jobs[i]->base);
+    *tail = a;
+    tail = &a->next;
+    if (a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
+      a->job->state = ZENITH__V1__JOB_STATE__QUEUED;
+      set_string(&a->job->reason, "requeued: the coordinator restarted while it ran");
+      save_job(co, a->job);
+      record_event(co, a, "requeued", "the coordinator restarted while the job ran; "
+                                      "it starts again from step 0");
+      ZN_WARN("job %s requeued: it was running when the coordinator stopped", a->job->id);
+    }
+  }
+  zn_store_free_jobs(jobs, n);
+  return ZN_OK;
+}
+
+typedef struct {
+  const char* path;
+  zn_rpc_kind kind;
+  const ProtobufCMessageDescriptor* type;
+  zn_rpc_handler handler;
+} method_entry;
+
+static int add_methods(coordinator* co) {
+  const method_entry methods[] = {
+      {"/zenith.v1.Zenith/SubmitJob", ZN_RPC_UNARY, &zenith__v1__submit_job_request__descriptor,
+       handle_submit},
+      {"/zenith.v1.Zenith/GetJob", ZN_RPC_UNARY, &zenith__v1__get_job_request__descriptor,
+       handle_get},
+      {"/zenith.v1.Zenith/ListJobs", ZN_RPC_UNARY, &zenith__v1__list_jobs_request__descriptor,
+       handle_list},
+      {"/zenith.v1.Zenith/CancelJob", ZN_RPC_UNARY, &zenith__v1__cancel_job_request__descriptor,
+       handle_cancel},
+      {"/zenith.v1.Zenith/WatchJob", ZN_RPC_SERVER_STREAM,
+       &zenith__v1__watch_job_request__descriptor, handle_watch},
+      {"/zenith.v1.Workers/RegisterWorker", ZN_RPC_UNARY, &zenith__v1__register_request__descriptor,
+       handle_register},
+      {"/zenith.v1.Workers/Heartbeat", ZN_RPC_UNARY, &zenith__v1__heartbeat_request__descriptor,
+       handle_heartbeat},
+      {"/zenith.v1.Workers/ReportMetrics", ZN_RPC_UNARY,
+       &zenith__v1__report_metrics_request__descriptor, handle_report},
+      {"/zenith.v1.Workers/FinishJob", ZN_RPC_UNARY,
+       &zenith__v1__finish_job_request__descriptor, handle_finish},
+  };
+  for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
+    int rc = zn_rpc_server_add_method(co->server, methods[i].path, methods[i].kind,
+                                      methods[i].type, methods[i].handler, co);
+    if (rc != ZN_OK) return rc;
+  }
+  return coord_kv_add_methods(co->kv, co->server);
+}
+
+static void shutdown_coordinator(coordinator* co) {
+  while (co->active) {
+    active_job* a = co->active;
+    co->active = a->next;
+    for (watcher* w = a->watchers; w;) {
+      watcher* next = w->next;
+      free(w);
+      w = next;
+    }
+    zenith__v1__job__free_unpacked(a->job, NULL);
+    free(a);
+  }
+  while (co->workers) {
+    worker* w = co->workers;
+    co->workers = w->next;
+    free(w);
+  }
+  zn_rpc_server_destroy(co->server);
+  coord_kv_destroy(co->kv);
+  zn_store_close(co->store);
+}
+
+int zn_coordinator_run(const coord_config* cfg) {
+  coordinator co = {0};
+  co.cfg = *cfg;
+  char err[512];
+  int rc = zn_store_open(cfg->state_dir, &co.store, err, sizeof err);
+  if (rc != ZN_OK) {
+    ZN_ERROR("cannot open the state folder %s: %s", cfg->state_dir, err);
+    return 1;
+  }
+  ZN_INFO("state in %s/zenith.db", cfg->state_dir);
+  co.kv = coord_kv_create();
+  int port = 0;
+  rc = zn_rpc_server_create(cfg->listen, &co.server, &port, err, sizeof err);
+  if (rc != ZN_OK) {
+    ZN_ERROR("%s", err);
+    coord_kv_destroy(co.kv);
+    zn_store_close(co.store);
+    return 1;
+  }
+  if (add_methods(&co) != ZN_OK || load_active_jobs(&co) != ZN_OK) {
+    ZN_ERROR("the coordinator could not start its services");
+    shutdown_coordinator(&co);
+    return 1;
+  }
+  zn_rpc_server_set_tick(co.server, 100, tick, &co);
+  zn_rpc_server_start(co.server);
+  ZN_INFO("listening on %s (port %d)", cfg->listen, port);
+  if (cfg->port_file) {
+    FILE* f = fopen(cfg->port_file, "w");
+    if (f) {
+      fprintf(f, "%d\n", port);
+      fclose(f);
+    }
+  }
+
+  signal_target = co.server;
+  signal(SIGINT, on_signal);
+  signal(SIGTERM, on_signal);
+  zn_rpc_server_run(co.server);
+  ZN_INFO("shutting down");
+  signal_target = NULL;
+  shutdown_coordinator(&co);
+  ZN_INFO("stopped");
+  return 0;
+}

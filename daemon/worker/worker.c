@@ -1,0 +1,245 @@
+/* The worker daemon's control loop (`zenithd worker`), on libuv.
+ *
+ * The loop thread owns the worker's state. Blocking calls to the coordinator
+ * (register, heartbeat) run on libuv's thread pool and come back to the loop
+ * in their after-work callbacks; the trainer thread wakes the loop through an
+ * async handle when its job ends. Signals arrive as loop events too, so a
+ * SIGTERM during training stops the job on every rank at the same step, tells
+ * the coordinator, and only then exits. */
+#include "worker.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "trainer.h"
+#include "zenith.pb-c.h"
+#include "zn_err.h"
+#include "zn_log.h"
+#include "zn_rpc.h"
+
+#define RPC_TIMEOUT_MS 5000
+#define REGISTER_RETRY_MS 1000
+
+typedef struct {
+  worker_config cfg;
+  uv_loop_t* loop;
+  uv_timer_t heartbeat_timer;
+  uv_timer_t register_timer;
+  uv_signal_t sigint, sigterm;
+  uv_async_t trainer_done;
+  zn_rpc_channel* channel;
+  char worker_id[64];
+  int heartbeat_ms;
+  int registered;
+  int call_in_flight;       /* one register or heartbeat at a time */
+  int coordinator_down;     /* for logging the change once, not every beat */
+  int must_reregister;
+  int shutting_down;
+  trainer* trainer;
+} worker;
+
+/* One blocking call done on the thread pool. */
+typedef struct {
+  uv_work_t req;
+  worker* w;
+  int is_register;
+  int rc;
+  zn_rpc_status status;
+  ProtobufCMessage* response;
+  char job_id[64];
+} control_call;
+
+static void start_register(worker* w);
+static void close_all(worker* w);
+static void on_heartbeat_timer(uv_timer_t* timer);
+
+static void on_register_timer(uv_timer_t* timer) {
+  start_register(timer->data);
+}
+
+/* ---------------------------------------------------------------- thread pool side */
+
+static void do_register(control_call* c) {
+  worker* w = c->w;
+  Zenith__V1__RegisterRequest req = ZENITH__V1__REGISTER_REQUEST__INIT;
+  req.name = (char*)w->cfg.name;
+  req.host = (char*)w->cfg.host;
+  req.device = "cpu";
+  req.has_pid = 1;
+  req.pid = (int)getpid();
+  c->rc = zn_rpc_unary(w->channel, "/zenith.v1.Workers/RegisterWorker", &req.base,
+                       &zenith__v1__register_response__descriptor, RPC_TIMEOUT_MS, &c->response,
+                       &c->status);
+}
+
+static void do_heartbeat(control_call* c) {
+  Zenith__V1__HeartbeatRequest req = ZENITH__V1__HEARTBEAT_REQUEST__INIT;
+  req.worker_id = c->w->worker_id;
+  req.job_id = c->job_id;
+  c->rc = zn_rpc_unary(c->w->channel, "/zenith.v1.Workers/Heartbeat", &req.base,
+                       &zenith__v1__heartbeat_response__descriptor, RPC_TIMEOUT_MS, &c->response,
+                       &c->status);
+}
+
+static void work_cb(uv_work_t* req) {
+  control_call* c = req->data;
+  if (c->is_register) do_register(c);
+  else do_heartbeat(c);
+}
+
+/* ---------------------------------------------------------------- loop side */
+
+static void note_coordinator(worker* w, int rc, const zn_rpc_status* st) {
+  if (rc != ZN_OK && !w->coordinator_down) {
+    ZN_WARN("coordinator %s unreachable: %s %s", w->cfg.coordinator, zn_rpc_code_name(st->code),
+            st->message);
+    w->coordinator_down = 1;
+  } else if (rc == ZN_OK && w->coordinator_down) {
+    ZN_INFO("coordinator %s reachable again", w->cfg.coordinator);
+    w->coordinator_down = 0;
+  }
+}
+
+static void on_trainer_finished(void* ud) {
+  worker* w = ud;
+  uv_async_send(&w->trainer_done);
+}
+
+static void start_trainer(worker* w, const Zenith__V1__Assignment* asg) {
+  trainer_env env = {w->channel, w->worker_id, w->cfg.name, w->cfg.host, w->cfg.threads,
+                     on_trainer_finished, w};
+  ZN_INFO("assigned job %s as rank %d of %d", asg->job_id, asg->rank, asg->world_size);
+  w->trainer = trainer_start(asg, &env);
+  if (!w->trainer) ZN_ERROR("could not start a trainer thread for job %s", asg->job_id);
+}
+
+static void after_register(worker* w, control_call* c) {
+  if (c->rc != ZN_OK) {
+    uv_timer_start(&w->register_timer, on_register_timer, REGISTER_RETRY_MS, 0);
+    return;
+  }
+  Zenith__V1__RegisterResponse* resp = (void*)c->response;
+  snprintf(w->worker_id, sizeof w->worker_id, "%s", resp->worker_id);
+  w->heartbeat_ms = resp->heartbeat_ms > 0 ? resp->heartbeat_ms : 500;
+  w->registered = 1;
+  w->must_reregister = 0;
+  ZN_INFO("registered with %s as %s (%s); heartbeat every %d ms", w->cfg.coordinator,
+          w->worker_id, w->cfg.name, w->heartbeat_ms);
+  uv_timer_start(&w->heartbeat_timer, on_heartbeat_timer, 0, (uint64_t)w->heartbeat_ms);
+}
+
+static void after_heartbeat(worker* w, control_call* c) {
+  if (c->rc != ZN_OK) return;
+  Zenith__V1__HeartbeatResponse* resp = (void*)c->response;
+  if (resp->reregister) {
+    ZN_WARN("the coordinator does not know this worker any more; registering again");
+    w->registered = 0;
+    w->must_reregister = 1;
+    uv_timer_stop(&w->heartbeat_timer);
+    if (w->trainer) trainer_request_stop(w->trainer, 1, "the coordinator restarted");
+    else start_register(w);
+    return;
+  }
+  if (resp->cancel && w->trainer)
+    trainer_request_stop(w->trainer, 1, "the job was cancelled or ended by the coordinator");
+  if (resp->assignment && !w->trainer && !w->shutting_down) start_trainer(w, resp->assignment);
+}
+
+static void after_work_cb(uv_work_t* req, int status) {
+  control_call* c = req->data;
+  worker* w = c->w;
+  w->call_in_flight = 0;
+  note_coordinator(w, c->rc, &c->status);
+  if (!w->shutting_down) {
+    if (c->is_register) after_register(w, c);
+    else after_heartbeat(w, c);
+  }
+  if (c->response) protobuf_c_message_free_unpacked(c->response, NULL);
+  free(c);
+  if (w->shutting_down && !w->trainer) close_all(w);
+}
+
+static void queue_call(worker* w, int is_register) {
+  if (w->call_in_flight || w->shutting_down) return;
+  control_call* c = calloc(1, sizeof *c);
+  c->w = w;
+  c->is_register = is_register;
+  c->req.data = c;
+  if (w->trainer) snprintf(c->job_id, sizeof c->job_id, "%s", trainer_job_id(w->trainer));
+  w->call_in_flight = 1;
+  uv_queue_work(w->loop, &c->req, work_cb, after_work_cb);
+}
+
+static void start_register(worker* w) {
+  queue_call(w, 1);
+}
+
+static void on_heartbeat_timer(uv_timer_t* timer) {
+  worker* w = timer->data;
+  if (w->registered) queue_call(w, 0);
+}
+
+static void on_trainer_done(uv_async_t* async) {
+  worker* w = async->data;
+  trainer_destroy(w->trainer);
+  w->trainer = NULL;
+  if (w->shutting_down) {
+    if (!w->call_in_flight) close_all(w);
+    return;
+  }
+  if (w->must_reregister) start_register(w);
+}
+
+static void close_all(worker* w) {
+  uv_close((uv_handle_t*)&w->heartbeat_timer, NULL);
+  uv_close((uv_handle_t*)&w->register_timer, NULL);
+  uv_close((uv_handle_t*)&w->sigint, NULL);
+  uv_close((uv_handle_t*)&w->sigterm, NULL);
+  uv_close((uv_handle_t*)&w->trainer_done, NULL);
+}
+
+static void on_signal(uv_signal_t* handle, int signum) {
+  worker* w = handle->data;
+  if (w->shutting_down) return;
+  w->shutting_down = 1;
+  const char* name = signum == SIGTERM ? "SIGTERM" : "SIGINT";
+  ZN_INFO("received %s: shutting down", name);
+  uv_timer_stop(&w->heartbeat_timer);
+  uv_timer_stop(&w->register_timer);
+  if (w->trainer) {
+    char why[160];
+    snprintf(why, sizeof why, "worker %s stopped by %s", w->cfg.name, name);
+    trainer_request_stop(w->trainer, 0, why);
+  } else if (!w->call_in_flight) {
+    close_all(w);
+  }
+}
+
+int zn_worker_run(const worker_config* cfg) {
+  worker w = {0};
+  w.cfg = *cfg;
+  w.loop = uv_default_loop();
+  w.channel = zn_rpc_channel_open(cfg->coordinator, 1);
+  uv_timer_init(w.loop, &w.heartbeat_timer);
+  uv_timer_init(w.loop, &w.register_timer);
+  w.heartbeat_timer.data = w.register_timer.data = &w;
+  uv_signal_init(w.loop, &w.sigint);
+  uv_signal_init(w.loop, &w.sigterm);
+  w.sigint.data = w.sigterm.data = &w;
+  uv_signal_start(&w.sigint, on_signal, SIGINT);
+  uv_signal_start(&w.sigterm, on_signal, SIGTERM);
+  uv_async_init(w.loop, &w.trainer_done, on_trainer_done);
+  w.trainer_done.data = &w;
+
+  ZN_INFO("worker %s starting: coordinator %s, collectives on %s, %d compute thread(s)",
+          cfg->name, cfg->coordinator, cfg->host, cfg->threads);
+  start_register(&w);
+  uv_run(w.loop, UV_RUN_DEFAULT);
+  uv_loop_close(w.loop);
+  zn_rpc_channel_close(w.channel);
+  ZN_INFO("worker %s stopped", cfg->name);
+  return 0;
+}

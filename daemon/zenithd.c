@@ -1,0 +1,125 @@
+/* zenithd: Zenith's daemon, in one of two roles.
+ *
+ *   zenithd coordinator [--listen ADDR] [--state DIR] ...
+ *   zenithd worker [--coordinator ADDR] [--name NAME] [--threads N] ...
+ *
+ * This file only reads flags and hands a config to the role's run function. */
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "coordinator.h"
+#include "worker.h"
+#include "zn_log.h"
+
+static const char* usage_text =
+    "usage: zenithd coordinator [flags]\n"
+    "         --listen ADDR            address to serve the gRPC API on (127.0.0.1:7070)\n"
+    "         --state DIR              folder for zenith.db, the jobs and their history (./zenith-state)\n"
+    "         --heartbeat-ms N         how often workers send a heartbeat (500)\n"
+    "         --worker-timeout-ms N    a worker silent this long is lost (5000)\n"
+    "         --port-file FILE         write the bound port there (useful with port 0)\n"
+    "       zenithd worker [flags]\n"
+    "         --coordinator ADDR       the coordinator's address (127.0.0.1:7070)\n"
+    "         --name NAME              unique worker name (HOSTNAME-PID)\n"
+    "         --host ADDR              address the collectives listen on (127.0.0.1)\n"
+    "         --threads N              compute threads when a job does not set them (all cores)\n"
+    "       both: --log-level debug|info|warn|error (info)\n";
+
+static int parse_int(const char* flag, const char* text, int min, int* out) {
+  char* end;
+  long v = strtol(text, &end, 10);
+  if (*text == '\0' || *end != '\0' || v < min || v > INT_MAX) {
+    fprintf(stderr, "zenithd: %s expects a whole number >= %d, got '%s'\n", flag, min, text);
+    return -1;
+  }
+  *out = (int)v;
+  return 0;
+}
+
+enum { OPT_LISTEN = 1, OPT_STATE, OPT_HEARTBEAT, OPT_TIMEOUT, OPT_PORT_FILE, OPT_COORDINATOR,
+       OPT_NAME, OPT_HOST, OPT_THREADS, OPT_LOG_LEVEL, OPT_HELP };
+
+static const struct option options[] = {
+    {"listen", required_argument, 0, OPT_LISTEN},
+    {"state", required_argument, 0, OPT_STATE},
+    {"heartbeat-ms", required_argument, 0, OPT_HEARTBEAT},
+    {"worker-timeout-ms", required_argument, 0, OPT_TIMEOUT},
+    {"port-file", required_argument, 0, OPT_PORT_FILE},
+    {"coordinator", required_argument, 0, OPT_COORDINATOR},
+    {"name", required_argument, 0, OPT_NAME},
+    {"host", required_argument, 0, OPT_HOST},
+    {"threads", required_argument, 0, OPT_THREADS},
+    {"log-level", required_argument, 0, OPT_LOG_LEVEL},
+    {"help", no_argument, 0, OPT_HELP},
+    {0, 0, 0, 0}};
+
+static int flag_fits_role(int opt, int is_coordinator) {
+  if (opt == OPT_LOG_LEVEL || opt == OPT_HELP) return 1;
+  return is_coordinator ? opt <= OPT_PORT_FILE : opt >= OPT_COORDINATOR;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2 || (strcmp(argv[1], "coordinator") != 0 && strcmp(argv[1], "worker") != 0)) {
+    fputs(usage_text, stderr);
+    return 2;
+  }
+  int is_coordinator = strcmp(argv[1], "coordinator") == 0;
+  coord_config cc = {"127.0.0.1:7070", "zenith-state", NULL, 500, 5000};
+  char default_name[128];
+  char host[64] = "localhost";
+  gethostname(host, sizeof host);
+  snprintf(default_name, sizeof default_name, "%s-%d", host, (int)getpid());
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  worker_config wc = {"127.0.0.1:7070", default_name, "127.0.0.1", cores > 0 ? (int)cores : 1};
+
+  optind = 2;
+  int opt;
+  while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
+    if (opt == '?') {
+      fputs(usage_text, stderr);
+      return 2;
+    }
+    if (!flag_fits_role(opt, is_coordinator)) {
+      fprintf(stderr, "zenithd: --%s is not a flag of `zenithd %s`\n%s", options[opt - 1].name,
+              argv[1], usage_text);
+      return 2;
+    }
+    int bad = 0;
+    switch (opt) {
+      case OPT_LISTEN: cc.listen = optarg; break;
+      case OPT_STATE: cc.state_dir = optarg; break;
+      case OPT_HEARTBEAT: bad = parse_int("--heartbeat-ms", optarg, 10, &cc.heartbeat_ms); break;
+      case OPT_TIMEOUT: bad = parse_int("--worker-timeout-ms", optarg, 100, &cc.worker_timeout_ms); break;
+      case OPT_PORT_FILE: cc.port_file = optarg; break;
+      case OPT_COORDINATOR: wc.coordinator = optarg; break;
+      case OPT_NAME: wc.name = optarg; break;
+      case OPT_HOST: wc.host = optarg; break;
+      case OPT_THREADS: bad = parse_int("--threads", optarg, 1, &wc.threads); break;
+      case OPT_LOG_LEVEL:
+        if (zn_log_set_level_name(optarg) != 0) {
+          fprintf(stderr, "zenithd: --log-level expects debug, info, warn or error, got '%s'\n",
+                  optarg);
+          bad = 1;
+        }
+        break;
+      case OPT_HELP: fputs(usage_text, stdout); return 0;
+    }
+    if (bad) return 2;
+  }
+  if (optind < argc) {
+    fprintf(stderr, "zenithd: unexpected argument '%s'\n%s", argv[optind], usage_text);
+    return 2;
+  }
+  if (is_coordinator && cc.worker_timeout_ms <= 2 * cc.heartbeat_ms) {
+    fprintf(stderr, "zenithd: --worker-timeout-ms (%d) must be more than twice --heartbeat-ms (%d)\n",
+            cc.worker_timeout_ms, cc.heartbeat_ms);
+    return 2;
+  }
+
+  zn_log_set_role(argv[1]);
+  return is_coordinator ? zn_coordinator_run(&cc) : zn_worker_run(&wc);
+}
