@@ -23,12 +23,18 @@ static int parse(int argc, char** argv, options* o) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const char* k = argv[i];
     const char* v = argv[i + 1];
-    if (strcmp(k, "--model") == 0) o->model = v;
-    else if (strcmp(k, "--batch") == 0) o->batch = atoi(v);
-    else if (strcmp(k, "--threads") == 0) o->threads = atoi(v);
-    else if (strcmp(k, "--warmup") == 0) o->warmup = atoi(v);
-    else if (strcmp(k, "--steps") == 0) o->steps = atoi(v);
-    else return -1;
+    if (strcmp(k, "--model") == 0)
+      o->model = v;
+    else if (strcmp(k, "--batch") == 0)
+      o->batch = atoi(v);
+    else if (strcmp(k, "--threads") == 0)
+      o->threads = atoi(v);
+    else if (strcmp(k, "--warmup") == 0)
+      o->warmup = atoi(v);
+    else if (strcmp(k, "--steps") == 0)
+      o->steps = atoi(v);
+    else
+      return -1;
   }
   return argc % 2 == 1 && o->batch > 0 && o->threads > 0 && o->steps > 0 ? 0 : -1;
 }
@@ -51,8 +57,9 @@ static void sgd_step(float* w, const float* g, float* v, size_t n) {
 int main(int argc, char** argv) {
   options o = {.model = "cnn", .batch = 128, .threads = 2, .warmup = 10, .steps = 100};
   if (parse(argc, argv, &o) != 0) {
-    fprintf(stderr, "usage: bench_train [--model cnn|mlp] [--batch N] [--threads T] "
-                    "[--warmup W] [--steps S]\n");
+    fprintf(stderr,
+            "usage: bench_train [--model cnn|mlp] [--batch N] [--threads T] "
+            "[--warmup W] [--steps S]\n");
     return 2;
   }
 

@@ -23,6 +23,7 @@ typedef struct {
   int epochs;
   int64_t last_printed_step;
   char id[64];
+  char reason[256];
   double started;
 } view;
 
@@ -76,6 +77,13 @@ static void show_eval(view* v, const Zenith__V1__EvalResult* e) {
 
 static void take_job(view* v, const Zenith__V1__Job* j) {
   if (j->total_steps > 0) v->total_steps = j->total_steps;
+  const char* reason = j->reason ? j->reason : "";
+  if (reason[0] && strcmp(reason, v->reason) != 0) {
+    clear_line(v);
+    printf("%s %s: %s\n", j->id, ctl_state_name(j->state), reason);
+    fflush(stdout);
+  }
+  snprintf(v->reason, sizeof v->reason, "%s", reason);
   if (j->spec) {
     v->epochs = j->spec->epochs;
     if (!v->total_steps && j->spec->max_steps > 0) v->total_steps = j->spec->max_steps;

@@ -6,6 +6,7 @@
  * This file only reads flags and hands a config to the role's run function. */
 #include <getopt.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +24,7 @@ static const char* usage_text =
     "         --worker-timeout-ms N    a worker silent this long is lost (5000)\n"
     "         --port-file FILE         write the bound port there (useful with port 0)\n"
     "       zenithd worker [flags]\n"
-    "         --coordinator ADDR       the coordinator's address (127.0.0.1:7070)\n"
+    "         --coordinator ADDR       the coordinator ($ZENITH_COORDINATOR, else 127.0.0.1:7070)\n"
     "         --name NAME              unique worker name (HOSTNAME-PID)\n"
     "         --host ADDR              address the collectives listen on (127.0.0.1)\n"
     "         --threads N              compute threads when a job does not set them (all cores)\n"
@@ -74,7 +75,9 @@ int main(int argc, char** argv) {
   gethostname(host, sizeof host);
   snprintf(default_name, sizeof default_name, "%s-%d", host, (int)getpid());
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
-  worker_config wc = {"127.0.0.1:7070", default_name, "127.0.0.1", cores > 0 ? (int)cores : 1};
+  const char* env_coordinator = getenv("ZENITH_COORDINATOR");
+  worker_config wc = {env_coordinator && env_coordinator[0] ? env_coordinator : "127.0.0.1:7070",
+                      default_name, "127.0.0.1", cores > 0 ? (int)cores : 1};
 
   optind = 2;
   int opt;
@@ -120,6 +123,8 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  /* A peer that dies mid-write must fail the collective, not kill the daemon. */
+  signal(SIGPIPE, SIG_IGN);
   zn_log_set_role(argv[1]);
   return is_coordinator ? zn_coordinator_run(&cc) : zn_worker_run(&wc);
 }

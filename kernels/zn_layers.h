@@ -10,8 +10,17 @@
  * The pooling layer is where the layout may change back: it can write NCHW, the order PyTorch's
  * flatten sees before a Linear layer.
  *
- * Backward functions OVERWRITE their weight and bias gradients (they do not accumulate): the
- * models run the whole batch through each layer at once. */
+ * Pooling phases. A convolution followed by 2x2 pooling can order each image's output pixels by
+ * pooling phase instead of row-major: four planes [4][ho/2][wo/2], plane q = 2*(oh%2) + ow%2
+ * holding the pixels (2*ph + q/2, 2*pw + q%2). The four candidates of every pooling window then
+ * sit at the same index of four contiguous planes, and the pooling passes become elementwise
+ * (vectorisable) max and select loops instead of strided gathers. The phase-ordered paths keep
+ * their per-plane scratch on the stack, which bounds them to padded inputs of up to 64 x 64 and
+ * (k/2 + 1)^2 * ho * wo <= 8192; the row-major paths have no such bound.
+ *
+ * The Linear backward OVERWRITES its gradients; the convolution and pooling backwards overwrite
+ * or, with accumulate set, add to them, so a batch can be run through in chunks of images that
+ * stay in cache. */
 #ifndef ZN_LAYERS_H
 #define ZN_LAYERS_H
 
@@ -37,6 +46,7 @@ void zn_relu_backward(const float* y, const float* dy, float* dx, size_t count);
 typedef struct {
   int n, cin, h, w;
   int cout, k, pad;
+  int phases; /* order each image's output pixels by pooling phase (ho, wo even) */
 } zn_conv2d_shape;
 
 int zn_conv2d_out_h(const zn_conv2d_shape* s);
@@ -45,7 +55,8 @@ int zn_conv2d_out_w(const zn_conv2d_shape* s);
 /* Floats in the col buffer: cin*k*k rows of n*ho*wo. */
 size_t zn_conv2d_col_floats(const zn_conv2d_shape* s);
 
-/* col[cin*k*k][n*ho*wo] = the k*k shifted, zero-padded copies of every input plane. */
+/* col[cin*k*k][n*ho*wo] = the k*k shifted, zero-padded copies of every input plane (each image's
+ * ho*wo columns in phase order when s->phases is set). */
 void zn_im2col(const zn_conv2d_shape* s, const float* x, float* col);
 
 /* Fills col with im2col(x) and computes y = conv(x, w) + b; b may be NULL (no bias: the model
@@ -53,11 +64,12 @@ void zn_im2col(const zn_conv2d_shape* s, const float* x, float* col);
 void zn_conv2d_forward(const zn_conv2d_shape* s, const float* x, const float* w, const float* b,
                        float* col, float* y);
 
-/* From dy[cout][n][ho][wo] and col = im2col(x) as the forward left it: dw (overwritten), db when
- * not NULL (overwritten), and dx[cin][n][h][w] when not NULL. col is clobbered when dx is asked
- * for: it becomes the column gradient before being folded back into dx. */
+/* From dy[cout][n][ho][wo] and col = im2col(x) as the forward left it: dw, db when not NULL
+ * (both overwritten, or added to when accumulate is set), and dx[cin][n][h][w] (overwritten)
+ * when not NULL. col is clobbered when dx is asked for: it becomes the column gradient before
+ * being folded back into dx. */
 void zn_conv2d_backward(const zn_conv2d_shape* s, const float* w, const float* dy, float* col,
-                        float* dx, float* dw, float* db);
+                        float* dx, float* dw, float* db, int accumulate);
 
 /* 2x2, stride-2 max pooling over x[c][n][h][w] (odd h or w drop their last row or column, as
  * PyTorch does). When bias is not NULL, bias[c] is added first; when relu is set, ReLU is applied
@@ -65,8 +77,9 @@ void zn_conv2d_backward(const zn_conv2d_shape* s, const float* w, const float* d
  * max(relu(x + b)) = relu(max(x) + b). */
 typedef struct {
   int c, n, h, w;
-  int relu;     /* apply ReLU before pooling */
-  int out_nchw; /* write y (and arg) as [n][c][h/2][w/2] instead of [c][n][h/2][w/2] */
+  int relu;      /* apply ReLU before pooling */
+  int out_nchw;  /* write y (and arg) as [n][c][h/2][w/2] instead of [c][n][h/2][w/2] */
+  int in_phases; /* x (and dx) planes are in pooling-phase order (h, w even) */
 } zn_pool_shape;
 
 /* y and arg have c*n*(h/2)*(w/2) entries; arg[i] in 0..3 is the winner's position in its window
@@ -75,10 +88,10 @@ void zn_maxpool2_forward(const zn_pool_shape* s, const float* x, const float* bi
                          uint8_t* arg);
 
 /* dx[c][n][h][w] (every element written) gets dy at each window's winner, zero elsewhere and
- * zero where relu is set and the pooled output y was not positive. dbias (overwritten, may be
- * NULL) is the per-channel sum of what reached dx. */
+ * zero where relu is set and the pooled output y was not positive. dbias (may be NULL) gets the
+ * per-channel sum of what reached dx: overwritten, or added to when accumulate is set. */
 void zn_maxpool2_backward(const zn_pool_shape* s, const float* dy, const float* y,
-                          const uint8_t* arg, float* dx, float* dbias);
+                          const uint8_t* arg, float* dx, float* dbias, int accumulate);
 
 /* Softmax cross-entropy over logits[n][k] with labels[n] in [0, k): returns the mean loss over
  * the n rows, computed in double. *correct (may be NULL) counts rows whose first maximal logit

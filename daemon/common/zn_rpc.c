@@ -402,28 +402,24 @@ static void on_close(zn_rpc_call* c) {
 }
 
 static void dispatch(zn_rpc_server* s, call_tag* tag, int ok) {
+  /* The tag lives inside the call, which on_new_call may free: read both first. */
   zn_rpc_call* c = tag->call;
-  switch (tag->kind) {
-    case TAG_NEW:
-      on_new_call(s, c, ok);
-      break;
-    case TAG_CLOSE:
-      c->pending--;
-      on_close(c);
-      break;
-    case TAG_WRITE:
-      c->pending--;
-      on_write_done(c, ok);
-      break;
-    case TAG_STATUS:
-      c->pending--;
-      if (c->write_payload) {
-        grpc_byte_buffer_destroy(c->write_payload);
-        c->write_payload = NULL;
-      }
-      break;
+  tag_kind kind = tag->kind;
+  if (kind == TAG_NEW) {
+    on_new_call(s, c, ok);
+    if (ok) call_maybe_free(c);
+    return;
   }
-  if (tag->kind != TAG_NEW || ok) call_maybe_free(c);
+  c->pending--;
+  if (kind == TAG_CLOSE) {
+    on_close(c);
+  } else if (kind == TAG_WRITE) {
+    on_write_done(c, ok);
+  } else if (c->write_payload) {  /* TAG_STATUS: its batch may have carried a reply */
+    grpc_byte_buffer_destroy(c->write_payload);
+    c->write_payload = NULL;
+  }
+  call_maybe_free(c);
 }
 
 void zn_rpc_server_run(zn_rpc_server* s) {

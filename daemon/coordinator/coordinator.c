@@ -480,9 +480,10 @@ static active_job* job_of_worker(coordinator* co, zn_rpc_call* call, const char*
 
 static void apply_metrics(coordinator* co, active_job* a, const Zenith__V1__ReportMetricsRequest* r) {
   Job* job = a->job;
-  if (r->has_total_steps) {
+  if (r->has_total_steps && r->total_steps != job->total_steps) {
     job->has_total_steps = 1;
     job->total_steps = r->total_steps;
+    announce_job(a);  /* watchers learn the length of the job before its first step */
   }
   if (r->n_metrics) {
     zn_store_append_metrics(co->store, job->id, r->metrics, r->n_metrics);
@@ -765,7 +766,11 @@ int zn_coordinator_run(const coord_config* cfg) {
   }
   zn_rpc_server_set_tick(co.server, 100, tick, &co);
   zn_rpc_server_start(co.server);
-  ZN_INFO("listening on %s (port %d)", cfg->listen, port);
+  char shown[300];
+  snprintf(shown, sizeof shown, "%s", cfg->listen);
+  char* colon = strrchr(shown, ':');
+  if (colon) snprintf(colon + 1, sizeof shown - (size_t)(colon + 1 - shown), "%d", port);
+  ZN_INFO("listening on %s", shown);
   if (cfg->port_file) {
     FILE* f = fopen(cfg->port_file, "w");
     if (f) {

@@ -313,6 +313,8 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
       double loss, acc;
       if ((rc = evaluate(r, &loss, &acc)) != ZN_OK) return rc;
       if (r->rank == 0) report_eval(r, t + 1, loss, acc);
+      r->last_report = zn_mono_sec();  /* images/s measures training, not evaluation */
+      r->images_since_report = 0;
     }
   }
   if (r->rank == 0 && r->n_pending) send_report(r);

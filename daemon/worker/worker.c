@@ -234,7 +234,7 @@ int zn_worker_run(const worker_config* cfg) {
   uv_async_init(w.loop, &w.trainer_done, on_trainer_done);
   w.trainer_done.data = &w;
 
-  ZN_INFO("worker %s starting: coordinator %s, collectives on %s, %d compute thread(s)",
+  ZN_INFO("starting as %s: coordinator %s, collectives on %s, %d compute thread(s)",
           cfg->name, cfg->coordinator, cfg->host, cfg->threads);
   start_register(&w);
   uv_run(w.loop, UV_RUN_DEFAULT);

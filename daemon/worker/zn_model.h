@@ -9,7 +9,7 @@
  * nn.Sequential ("0.weight" [32,1,3,3], ...), so weights move to and from PyTorch unchanged.
  *
  * A model owns the activation buffers of a batch of up to max_batch images. It is not safe to use
- * one model from two threads at once. */
+ * one model from two threads at once (it runs its own threads inside each call). */
 #ifndef ZN_MODEL_H
 #define ZN_MODEL_H
 
@@ -48,7 +48,10 @@ const char* zn_model_tensor_name(const zn_model* m, int i);
 void zn_model_tensor_shape(const zn_model* m, int i, int* ndim, int shape[4]);
 size_t zn_model_tensor_offset(const zn_model* m, int i);
 
-/* Threads OpenBLAS (and with it the models' GEMMs) may use, process-wide. */
+/* Threads each training or evaluation batch is split over, process-wide (1 to 64; default 1).
+ * Each thread takes a contiguous share of the batch and runs it with single-threaded OpenBLAS, so
+ * this also sets OpenBLAS to one thread (openblas_set_num_threads(1)). Until it is called,
+ * OpenBLAS keeps its own thread count and a batch runs as one share. */
 void zn_model_set_threads(int n);
 
 #endif

@@ -178,6 +178,13 @@ typedef struct {
   double *x, *w, *b, *r, *y;
 } conv_ctx;
 
+/* Where output pixel (oh, ow) sits within its image's plane: row-major, or in pooling-phase
+ * order [4][ho/2][wo/2] with phase 2*(oh%2) + ow%2. */
+static size_t out_index(int phases, int ho, int wo, int oh, int ow) {
+  if (!phases) return (size_t)oh * wo + ow;
+  return ((size_t)(2 * (oh % 2) + ow % 2) * (ho / 2) + oh / 2) * (wo / 2) + ow / 2;
+}
+
 /* Direct convolution on CNHW activations, straight from the definition. */
 static void conv_ref(conv_ctx* c) {
   const zn_conv2d_shape* s = &c->s;
@@ -195,15 +202,15 @@ static void conv_ref(conv_ctx* c) {
                 acc += c->w[((o * s->cin + ci) * s->k + kh) * s->k + kw] *
                        c->x[((ci * s->n + i) * s->h + ih) * s->w + iw];
               }
-          c->y[((o * s->n + i) * ho + oh) * wo + ow] = acc;
+          c->y[((size_t)o * s->n + i) * ho * wo + out_index(s->phases, ho, wo, oh, ow)] = acc;
         }
 }
 
 static double conv_loss(void* ctx) {
   conv_ctx* c = ctx;
   conv_ref(c);
-  return dot(c->r, c->y, (size_t)c->s.cout * c->s.n * zn_conv2d_out_h(&c->s) *
-                             zn_conv2d_out_w(&c->s));
+  return dot(c->r, c->y,
+             (size_t)c->s.cout * c->s.n * zn_conv2d_out_h(&c->s) * zn_conv2d_out_w(&c->s));
 }
 
 static void check_conv(zn_conv2d_shape s) {
@@ -222,7 +229,7 @@ static void check_conv(zn_conv2d_shape s) {
 
   float *dx = falloc(nx), *dw = falloc(nw), *db = falloc(s.cout);
   double *gx = dalloc(nx), *gw = dalloc(nw), *gb = dalloc(s.cout);
-  zn_conv2d_backward(&s, w, r, col, dx, dw, db);
+  zn_conv2d_backward(&s, w, r, col, dx, dw, db, 0);
   fd_grad(conv_loss, &c, c.x, nx, gx);
   fd_grad(conv_loss, &c, c.w, nw, gw);
   fd_grad(conv_loss, &c, c.b, s.cout, gb);
@@ -243,6 +250,41 @@ static void conv2d_unpadded_and_wide_padding_match_reference(void** state) {
   check_conv((zn_conv2d_shape){.n = 2, .cin = 2, .h = 4, .w = 6, .cout = 3, .k = 5, .pad = 2});
 }
 
+static void conv2d_in_pooling_phase_order_matches_reference(void** state) {
+  check_conv((zn_conv2d_shape){
+      .n = 3, .cin = 2, .h = 6, .w = 8, .cout = 4, .k = 3, .pad = 1, .phases = 1});
+  check_conv((zn_conv2d_shape){
+      .n = 2, .cin = 2, .h = 7, .w = 5, .cout = 3, .k = 4, .pad = 1, .phases = 1});
+}
+
+/* Accumulating backward passes over two halves of a batch must give the one-pass gradients. */
+static void conv2d_backward_accumulates_over_chunks(void** state) {
+  zn_conv2d_shape s = {.n = 4, .cin = 2, .h = 6, .w = 6, .cout = 3, .k = 3, .pad = 1};
+  zn_conv2d_shape half = s;
+  half.n = 2;
+  size_t nx = (size_t)s.cin * s.n * 36, ny = (size_t)s.cout * s.n * 36, nw = (size_t)3 * 2 * 9;
+  double *dd = dalloc(ny + nx), ref_w[54], ref_b[3];
+  float *x = falloc(nx), *dy = falloc(ny), *w = falloc(nw), *col = falloc(zn_conv2d_col_floats(&s));
+  float *xh = falloc(nx / 2), *dyh = falloc(ny / 2), dw[54], db[3], dw1[54], db1[3];
+  fill(dd, x, nx, -1, 1), fill(dd, dy, ny, -1, 1), fill(dd, w, nw, -1, 1);
+
+  zn_im2col(&s, x, col);
+  zn_conv2d_backward(&s, w, dy, col, NULL, dw1, db1, 0);
+  for (int i = 0; i < 54; i++) ref_w[i] = dw1[i];
+  for (int i = 0; i < 3; i++) ref_b[i] = db1[i];
+
+  /* CNHW: image half h of channel c is the contiguous run [c][2h .. 2h+1]. */
+  for (int h = 0; h < 2; h++) {
+    for (int c = 0; c < s.cin; c++) memcpy(xh + c * 72, x + (c * 4 + 2 * h) * 36, 72 * 4);
+    for (int c = 0; c < s.cout; c++) memcpy(dyh + c * 72, dy + (c * 4 + 2 * h) * 36, 72 * 4);
+    zn_im2col(&half, xh, col);
+    zn_conv2d_backward(&half, w, dyh, col, NULL, dw, db, h);
+  }
+  expect_close("chunked dw", dw, ref_w, 54, 1e-6);
+  expect_close("chunked db", db, ref_b, 3, 1e-6);
+  free(dd), free(x), free(dy), free(w), free(col), free(xh), free(dyh);
+}
+
 /* ---- MaxPool2d 2x2 (with the optional fused bias and ReLU) ---- */
 
 typedef struct {
@@ -259,13 +301,15 @@ static void pool_ref(pool_ctx* c) {
         for (int ow = 0; ow < wo; ow++) {
           double m = -INFINITY;
           for (int q = 0; q < 4; q++) {
-            double v = c->x[((ch * s->n + i) * s->h + 2 * oh + q / 2) * s->w + 2 * ow + q % 2];
+            size_t plane = ((size_t)ch * s->n + i) * s->h * s->w;
+            double v =
+                c->x[plane + out_index(s->in_phases, s->h, s->w, 2 * oh + q / 2, 2 * ow + q % 2)];
             v += c->b[ch];
             if (s->relu && v < 0.0) v = 0.0;
             if (v > m) m = v;
           }
-          size_t plane = s->out_nchw ? (size_t)i * s->c + ch : (size_t)ch * s->n + i;
-          c->y[(plane * ho + oh) * wo + ow] = m;
+          size_t out = s->out_nchw ? (size_t)i * s->c + ch : (size_t)ch * s->n + i;
+          c->y[(out * ho + oh) * wo + ow] = m;
         }
 }
 
@@ -291,7 +335,7 @@ static void check_pool(zn_pool_shape s) {
   float *dx = falloc(nx), *db = falloc(s.c);
   double *gx = dalloc(nx), *gb = dalloc(s.c);
   for (size_t i = 0; i < nx; i++) dx[i] = NAN;
-  zn_maxpool2_backward(&s, r, y, arg, dx, db);
+  zn_maxpool2_backward(&s, r, y, arg, dx, db, 0);
   fd_grad(pool_loss, &c, c.x, nx, gx);
   fd_grad(pool_loss, &c, c.b, s.c, gb);
   expect_close("pool dx", dx, gx, nx, GRAD_TOL);
@@ -311,6 +355,11 @@ static void maxpool_plain_to_nchw_matches_finite_differences(void** state) {
 
 static void maxpool_odd_sizes_drop_last_row_and_column(void** state) {
   check_pool((zn_pool_shape){.c = 2, .n = 2, .h = 5, .w = 7, .relu = 1, .out_nchw = 1});
+}
+
+static void maxpool_from_phase_order_matches_finite_differences(void** state) {
+  check_pool((zn_pool_shape){.c = 3, .n = 2, .h = 6, .w = 10, .relu = 1, .in_phases = 1});
+  check_pool((zn_pool_shape){.c = 2, .n = 3, .h = 4, .w = 4, .out_nchw = 1, .in_phases = 1});
 }
 
 /* ---- softmax cross-entropy ---- */
@@ -376,9 +425,12 @@ int main(void) {
       cmocka_unit_test(relu_matches_finite_differences_and_zeroes_negatives),
       cmocka_unit_test(conv2d_3x3_pad1_matches_reference_and_finite_differences),
       cmocka_unit_test(conv2d_unpadded_and_wide_padding_match_reference),
+      cmocka_unit_test(conv2d_in_pooling_phase_order_matches_reference),
+      cmocka_unit_test(conv2d_backward_accumulates_over_chunks),
       cmocka_unit_test(maxpool_with_bias_and_relu_matches_finite_differences),
       cmocka_unit_test(maxpool_plain_to_nchw_matches_finite_differences),
       cmocka_unit_test(maxpool_odd_sizes_drop_last_row_and_column),
+      cmocka_unit_test(maxpool_from_phase_order_matches_finite_differences),
       cmocka_unit_test(softmax_xent_matches_hand_worked_example),
       cmocka_unit_test(softmax_xent_gradient_matches_finite_differences),
   };

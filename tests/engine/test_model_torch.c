@@ -100,11 +100,12 @@ static void expect_tensor_close(const char* what, const float* a, const float* b
   double rel = maxdiff / maxref;
   printf("  %-9s max|ours-torch|/max|torch| = %.2e (max|torch| %.3e)\n", what, rel, maxref);
   if (!(rel <= tol))
-    fail_msg("%s: rel err %.3e > %.0e; worst [%zu]: ours %.9g, torch %.9g", what, rel, tol,
-             worst, (double)a[worst], (double)b[worst]);
+    fail_msg("%s: rel err %.3e > %.0e; worst [%zu]: ours %.9g, torch %.9g", what, rel, tol, worst,
+             (double)a[worst], (double)b[worst]);
 }
 
-static void check_against_torch(const char* name, uint64_t seed) {
+static void check_against_torch(const char* name, uint64_t seed, int threads) {
+  zn_model_set_threads(threads);
   zn_model* m = NULL;
   assert_int_equal(zn_model_create(name, BATCH, &m), ZN_OK);
   zn_model_init(m, seed);
@@ -123,10 +124,10 @@ static void check_against_torch(const char* name, uint64_t seed) {
   assert_int_equal(correct, t.correct);
   for (int i = 0; i < zn_model_num_tensors(m); i++) {
     size_t at = zn_model_tensor_offset(m, i);
-    size_t end = i + 1 < zn_model_num_tensors(m) ? zn_model_tensor_offset(m, i + 1)
-                                                 : zn_model_num_params(m);
-    expect_tensor_close(zn_model_tensor_name(m, i), zn_model_grads(m) + at, t.grads + at,
-                        end - at, GRAD_TOL);
+    size_t end =
+        i + 1 < zn_model_num_tensors(m) ? zn_model_tensor_offset(m, i + 1) : zn_model_num_params(m);
+    expect_tensor_close(zn_model_tensor_name(m, i), zn_model_grads(m) + at, t.grads + at, end - at,
+                        GRAD_TOL);
   }
 
   free(t.grads);
@@ -135,11 +136,16 @@ static void check_against_torch(const char* name, uint64_t seed) {
 }
 
 static void cnn_loss_and_gradients_match_pytorch(void** state) {
-  check_against_torch("cnn", 42);
+  check_against_torch("cnn", 42, 1);
+}
+
+/* Three threads split 32 images 10/11/11, so every shard ends in a partial chunk. */
+static void cnn_split_over_three_threads_matches_pytorch(void** state) {
+  check_against_torch("cnn", 43, 3);
 }
 
 static void mlp_loss_and_gradients_match_pytorch(void** state) {
-  check_against_torch("mlp", 7);
+  check_against_torch("mlp", 7, 2);
 }
 
 /* Evaluation in chunks of max_batch (7 here) must sum the losses that one training batch of 32
@@ -199,9 +205,10 @@ static void tensor_table_is_the_pytorch_state_dict(void** state) {
     const char* name;
     int ndim, shape[4];
   } want[8] = {
-      {"0.weight", 4, {32, 1, 3, 3}}, {"0.bias", 1, {32}},    {"3.weight", 4, {64, 32, 3, 3}},
-      {"3.bias", 1, {64}},            {"7.weight", 2, {128, 3136}}, {"7.bias", 1, {128}},
-      {"9.weight", 2, {10, 128}},     {"9.bias", 1, {10}},
+      {"0.weight", 4, {32, 1, 3, 3}},  {"0.bias", 1, {32}},
+      {"3.weight", 4, {64, 32, 3, 3}}, {"3.bias", 1, {64}},
+      {"7.weight", 2, {128, 3136}},    {"7.bias", 1, {128}},
+      {"9.weight", 2, {10, 128}},      {"9.bias", 1, {10}},
   };
   zn_model* m = NULL;
   assert_int_equal(zn_model_create("cnn", 1, &m), ZN_OK);
@@ -236,6 +243,7 @@ static void create_rejects_unknown_model_and_bad_batch(void** state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(cnn_loss_and_gradients_match_pytorch),
+      cmocka_unit_test(cnn_split_over_three_threads_matches_pytorch),
       cmocka_unit_test(mlp_loss_and_gradients_match_pytorch),
       cmocka_unit_test(eval_sums_the_losses_that_train_averages),
       cmocka_unit_test(init_is_deterministic_and_uses_pytorch_bounds),
