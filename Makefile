@@ -1,7 +1,8 @@
 # Zenith's entry points. CMake does the building; this file only names the
 # everyday commands:
 #   make demo    install what is missing, build, run the main job
-#   make test    install what is missing, build, run every test
+#   make test    install what is missing, build, run every test, then the
+#                unit tests again under ASan and UBSan
 #   make deps | build | asan | bench | clean
 BUILD      ?= build
 BUILD_TYPE ?= Release
@@ -20,6 +21,7 @@ build: deps
 
 test: build
 	@cd $(BUILD) && ctest --output-on-failure --timeout 900
+	@$(MAKE) --no-print-directory asan
 
 demo: build
 	@scripts/demo.sh $(BUILD)/bin

@@ -42,6 +42,15 @@ const char* zn_rpc_code_name(int code) {
   return names[code];
 }
 
+void* zn_rpc_clone_message(const ProtobufCMessage* msg) {
+  size_t len = protobuf_c_message_get_packed_size(msg);
+  uint8_t* buf = malloc(len ? len : 1);
+  protobuf_c_message_pack(msg, buf);
+  void* copy = protobuf_c_message_unpack(msg->descriptor, NULL, len, buf);
+  free(buf);
+  return copy;
+}
+
 static gpr_timespec deadline_after_ms(int ms) {
   if (ms <= 0) return gpr_inf_future(GPR_CLOCK_REALTIME);
   return gpr_time_add(gpr_now(GPR_CLOCK_REALTIME), gpr_time_from_millis(ms, GPR_TIMESPAN));

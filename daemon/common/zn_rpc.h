@@ -37,6 +37,10 @@ enum {
 
 const char* zn_rpc_code_name(int code);
 
+/* A deep copy of a message whose every part is malloc'd, so that it can be
+ * edited field by field and released with protobuf_c_message_free_unpacked. */
+void* zn_rpc_clone_message(const ProtobufCMessage* msg);
+
 /* ------------------------------------------------------------ server */
 
 typedef struct zn_rpc_server zn_rpc_server;

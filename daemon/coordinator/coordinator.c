@@ -48,6 +48,12 @@ typedef struct active_job {
   Job* job;
   int attempt;
   int ranks_done;
+  /* A rank's collective failed: the cause may be a peer that died, which the
+   * liveness check names once its heartbeats are overdue. Until then the
+   * failure is held, so the job's error names the lost worker, not the
+   * survivor that noticed first. */
+  char* held_error;
+  int64_t held_until_ms;
   watcher* watchers;
   struct active_job* next;
 } active_job;
@@ -84,17 +90,6 @@ static int is_final(int state) {
 static void set_string(char** field, const char* value) {
   free(*field);
   *field = strdup(value);
-}
-
-/* A deep copy whose every part is malloc'd, so it can be edited field by
- * field and released with free_unpacked. */
-static void* clone_message(const ProtobufCMessage* msg) {
-  size_t len = protobuf_c_message_get_packed_size(msg);
-  uint8_t* buf = malloc(len ? len : 1);
-  protobuf_c_message_pack(msg, buf);
-  void* copy = protobuf_c_message_unpack(msg->descriptor, NULL, len, buf);
-  free(buf);
-  return copy;
 }
 
 static active_job* find_active(coordinator* co, const char* id) {
@@ -178,6 +173,7 @@ static void drop_active(coordinator* co, active_job* target) {
     w = next;
   }
   zenith__v1__job__free_unpacked(target->job, NULL);
+  free(target->held_error);
   free(target);
 }
 
@@ -237,7 +233,7 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
   draft.reason = "waiting for workers";
 
   active_job* a = calloc(1, sizeof *a);
-  a->job = clone_message(&draft.base);
+  a->job = zn_rpc_clone_message(&draft.base);
   coord_spec_fill_defaults(a->job->spec);
   save_job(co, a->job);
   for (active_job** p = &co->active;; p = &(*p)->next) {
@@ -321,7 +317,7 @@ static void handle_cancel(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     if (owned) zenith__v1__job__free_unpacked(job, NULL);
     return;
   }
-  Job* snapshot = clone_message(&a->job->base);
+  Job* snapshot = zn_rpc_clone_message(&a->job->base);
   end_job(co, a, ZENITH__V1__JOB_STATE__CANCELLED, NULL);
   snapshot->state = ZENITH__V1__JOB_STATE__CANCELLED;
   zn_rpc_reply(call, &snapshot->base);
@@ -442,7 +438,14 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
   Zenith__V1__Assignment asg = ZENITH__V1__ASSIGNMENT__INIT;
   active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
   const char* running = req->job_id ? req->job_id : "";
-  if (w->assignment_pending && a) {
+  if (a && !running[0] && !w->assignment_pending &&
+      a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
+    /* Idle, yet told of this job: the worker never started it. Say it again. */
+    ZN_WARN("worker %s is idle but was given job %s; sending the assignment again", w->name,
+            a->job->id);
+    w->assignment_pending = 1;
+  }
+  if (w->assignment_pending && a && !running[0]) {
     char prefix[96];
     snprintf(prefix, sizeof prefix, "%s/%d/", a->job->id, a->attempt);
     asg.job_id = a->job->id;
@@ -489,7 +492,7 @@ static void apply_metrics(coordinator* co, active_job* a, const Zenith__V1__Repo
     zn_store_append_metrics(co->store, job->id, r->metrics, r->n_metrics);
     const Zenith__V1__StepMetrics* last = r->metrics[r->n_metrics - 1];
     if (job->last) zenith__v1__step_metrics__free_unpacked(job->last, NULL);
-    job->last = clone_message(&last->base);
+    job->last = zn_rpc_clone_message(&last->base);
     job->has_step = job->has_epoch = 1;
     job->step = last->step;
     job->epoch = last->epoch;
@@ -543,6 +546,11 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     char why[1200];
     snprintf(why, sizeof why, "rank %d (worker %s): %s", rank, w->name,
              req->error && req->error[0] ? req->error : "failed without a message");
+    if (req->collective_failed && !a->held_error) {
+      a->held_error = strdup(why);
+      a->held_until_ms = zn_unix_ms() + co->cfg.worker_timeout_ms;
+      return;
+    }
     end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
     return;
   }
@@ -647,9 +655,22 @@ static void check_liveness(coordinator* co) {
   }
 }
 
+/* Held collective failures whose peers all stayed alive end their jobs now. */
+static void release_held_errors(coordinator* co) {
+  int64_t now = zn_unix_ms();
+  active_job* a = co->active;
+  while (a) {
+    active_job* next = a->next;
+    if (a->held_error && now >= a->held_until_ms)
+      end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, a->held_error);
+    a = next;
+  }
+}
+
 static void tick(void* ud) {
   coordinator* co = ud;
   check_liveness(co);
+  release_held_errors(co);
   schedule(co);
   coord_kv_expire(co->kv);
 }
@@ -666,7 +687,7 @@ static int load_active_jobs(coordinator* co) {
   for (size_t i = 0; i < n; i++) {
     if (is_final(jobs[i]->state)) continue;
     active_job* a = calloc(1, sizeof *a);
-    a->job = clone_message(&jobs[i]->base);
+    a->job = zn_rpc_clone_message(&jobs[i]->base);
     *tail = a;
     tail = &a->next;
     if (a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {

@@ -63,15 +63,6 @@ typedef struct {
   char error[1024];
 } run;
 
-static void* clone_message(const ProtobufCMessage* msg) {
-  size_t len = protobuf_c_message_get_packed_size(msg);
-  uint8_t* buf = malloc(len ? len : 1);
-  protobuf_c_message_pack(msg, buf);
-  void* copy = protobuf_c_message_unpack(msg->descriptor, NULL, len, buf);
-  free(buf);
-  return copy;
-}
-
 static void params_from_spec(const Zenith__V1__JobSpec* spec, zn_zenith_params* p) {
   zn_zenith_params_default(p);
   const Zenith__V1__ZenithParams* o = spec->optimizer;
@@ -343,6 +334,8 @@ static void finish(run* r, int rc, double test_loss, double test_accuracy) {
     else snprintf(r->error, sizeof r->error, "%s", t->stop_reason);
   }
   req.error = r->error;
+  req.has_collective_failed = 1;
+  req.collective_failed = rc == ZN_ERR_COMM;
   if (rc == ZN_OK && r->rank == 0) {
     req.has_has_test_result = req.has_test_result = 1;
     req.has_test_loss = req.has_test_accuracy = 1;
@@ -421,7 +414,7 @@ static void* trainer_main(void* arg) {
 trainer* trainer_start(const Zenith__V1__Assignment* assignment, const trainer_env* env) {
   trainer* t = calloc(1, sizeof *t);
   if (!t) return NULL;
-  t->asg = clone_message(&assignment->base);
+  t->asg = zn_rpc_clone_message(&assignment->base);
   t->env = *env;
   if (pthread_create(&t->thread, NULL, trainer_main, t) != 0) {
     zenith__v1__assignment__free_unpacked(t->asg, NULL);

@@ -145,7 +145,11 @@ static void after_heartbeat(worker* w, control_call* c) {
   }
   if (resp->cancel && w->trainer)
     trainer_request_stop(w->trainer, 1, "the job was cancelled or ended by the coordinator");
-  if (resp->assignment && !w->trainer && !w->shutting_down) start_trainer(w, resp->assignment);
+  if (resp->assignment && (w->trainer || w->shutting_down))
+    ZN_WARN("assignment of job %s refused: this worker is %s", resp->assignment->job_id,
+            w->trainer ? "still running a job" : "shutting down");
+  else if (resp->assignment)
+    start_trainer(w, resp->assignment);
 }
 
 static void after_work_cb(uv_work_t* req, int status) {

@@ -34,7 +34,6 @@
 
 #include "zn_err.h"
 #include "zn_store.h"
-#include "zn_time.h"
 
 #define BATCH 10
 
@@ -707,38 +706,6 @@ static void kill_during_appends_keeps_whole_batches(void** state) {
   }
 }
 
-/* ---------------------------------------------------------------- cost */
-
-static int cmp_double(const void* a, const void* b) {
-  double x = *(const double*)a, y = *(const double*)b;
-  return (x > y) - (x < y);
-}
-
-/* The per-report cost the coordinator pays: one transaction of 10 rows, with
- * its fsync. The bound is loose (a slow disk, a sanitizer build); the numbers
- * printed are the point. */
-static void batch_of_ten_appends_within_budget(void** state) {
-  fixture* f = *state;
-  enum { ROUNDS = 200 };
-  static double t[ROUNDS];
-  zn_store* s = open_ok(f->dir);
-  for (int r = 0; r < ROUNDS; r++) {
-    double t0 = zn_mono_sec();
-    EXPECT_OK(append_steps(s, "j-1", 1 + (int64_t)r * BATCH, BATCH), s);
-    t[r] = zn_mono_sec() - t0;
-  }
-  zn_store_close(s);
-
-  double sum = 0;
-  for (int r = 0; r < ROUNDS; r++) sum += t[r];
-  qsort(t, ROUNDS, sizeof t[0], cmp_double);
-  double mean_ms = 1e3 * sum / ROUNDS;
-  print_message(
-      "append of %d metric rows: mean %.3f ms, median %.3f ms, p95 %.3f ms, max %.3f ms\n", BATCH,
-      mean_ms, 1e3 * t[ROUNDS / 2], 1e3 * t[ROUNDS * 95 / 100], 1e3 * t[ROUNDS - 1]);
-  assert_true(mean_ms < 50.0);
-}
-
 int main(int argc, char** argv) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
   const struct CMUnitTest tests[] = {
@@ -758,7 +725,6 @@ int main(int argc, char** argv) {
       T(second_open_is_refused_while_held),
       T(missing_folders_are_created),
       T(kill_during_appends_keeps_whole_batches),
-      T(batch_of_ten_appends_within_budget),
   };
 #undef T
   if (argc > 1) {

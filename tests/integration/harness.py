@@ -162,11 +162,19 @@ class Daemon:
         return self.stop()
 
     def tail(self, lines=LOG_TAIL_LINES):
+        """The last lines of the log, preceded by the head of a sanitizer report if there is one
+        (its first lines name the fault and the stack; the last are the shadow-byte legend)."""
         try:
             text = self.log_text().splitlines()
         except OSError as e:
             return "(no log: %s)" % e
-        return "\n".join(text[-lines:])
+        parts = []
+        for i, line in enumerate(text[:-lines]):
+            if "ERROR: AddressSanitizer" in line or "ERROR: LeakSanitizer" in line \
+                    or "runtime error:" in line:
+                parts += text[i:i + 20] + ["    [...]"]
+                break
+        return "\n".join(parts + text[-lines:])
 
 
 def _kill_leftovers():
@@ -178,10 +186,9 @@ atexit.register(_kill_leftovers)
 
 
 def daemon_env():
+    # LeakSanitizer stays on: the daemons are expected to exit clean, and the tests that stop
+    # one on purpose check its exit code, which a leak report turns non-zero.
     env = dict(os.environ)
-    # gRPC core keeps a few process-wide allocations until exit; LeakSanitizer
-    # reports them on every daemon, which would hide the exit code we check.
-    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
     return env
 
@@ -194,6 +201,10 @@ class Cluster:
     def __init__(self, label="cluster", heartbeat_ms=None, worker_timeout_ms=None):
         if not BIN or not PROTO:
             raise RuntimeError("set ZENITH_BIN and ZENITH_PROTO (CTest does)")
+        for tool in ("zenithd", "zenithctl"):
+            if not os.access(os.path.join(BIN, tool), os.X_OK):
+                raise RuntimeError("%s/%s is missing: build the zenithd and zenithctl targets "
+                                   "before running these tests" % (BIN, tool))
         self.label = label
         self.dir = tempfile.mkdtemp(prefix="zenith-it-%s-" % label)
         self.state_dir = os.path.join(self.dir, "state")
@@ -206,6 +217,7 @@ class Cluster:
         self._channel = None
         self._stub = None
         self._coordinator_starts = 0
+        self.keep = KEEP_LOGS
 
     # ---- processes
 
@@ -277,7 +289,8 @@ class Cluster:
             d.stop()
 
     def remove(self):
-        if not KEEP_LOGS:
+        """Deletes the cluster's folder, unless a test failed on it or ZENITH_KEEP_LOGS is set."""
+        if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tails(self):
@@ -418,7 +431,8 @@ class ClusterTestCase(unittest.TestCase):
             sys.stderr.write("[%s] %.1f s\n" % (self.id(), took))
             if self._bad_count(result) > bad_before:
                 for c in list(self.class_clusters) + self._clusters:
-                    sys.stderr.write("==== daemon logs of %s (%s)\n%s\n"
+                    c.keep = True
+                    sys.stderr.write("==== daemon logs of %s, kept in %s\n%s\n"
                                      % (c.label, c.dir, c.log_tails()))
             for c in self._clusters:
                 c.stop()

@@ -32,9 +32,13 @@ class CancelAndLost(harness.ClusterTestCase):
 
     def start_long_job(self, c):
         """A 2-worker job that is running and past step 5; returns the Job."""
-        job = c.submit(**LONG_JOB)
-        return harness.wait_until(lambda: (lambda j: j if j.step >= 5 else None)(c.get(job.id)),
-                                  60, "job %s to pass step 5" % job.id, interval=0.1)
+        job_id = c.submit(**LONG_JOB).id
+
+        def past_step_5():
+            job = c.get(job_id)
+            return job if job.step >= 5 else None
+
+        return harness.wait_until(past_step_5, 60, "job %s to pass step 5" % job_id, interval=0.1)
 
     def assert_small_job_succeeds(self, c, workers, on=None):
         job = c.submit(model="mlp", workers=workers, max_steps=10, name="after")

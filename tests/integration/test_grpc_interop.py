@@ -1,10 +1,13 @@
 """The public API from a second implementation: Python grpcio, stubs from proto/zenith.proto.
 
-One small job (mlp, 30 steps, one worker) is followed by three watchers: one
-that connects while the job is still queued (it sees everything live), one that
-joins once the first has seen a step (its history is replayed, then it follows
-live), and one that connects after the job has ended (all replay). Each must
-see steps 1..30 exactly once and in order, and end with the job SUCCEEDED.
+A small job (mlp, 30 steps) is watched from before it starts (everything
+arrives live) and again after it has ended (everything is replayed): both
+watchers must see steps 1..30 exactly once and in order and end with the job
+SUCCEEDED, and GetJob and ListJobs must agree with what they saw. A slower job
+(cnn, 30 steps of a few reports each: an mlp step is so quick that 30 of them
+fit in one report) gets a second watcher that joins once the first has seen a
+step: it must get the history up to that point and then follow live, with no
+step lost or repeated at the seam.
 """
 
 import os
@@ -16,6 +19,7 @@ import harness  # noqa: E402
 from harness import jobs_of, metrics_of, state_name, stubs  # noqa: E402
 
 STEPS = 30
+LONG_STEPS = 30
 
 
 class Watcher(threading.Thread):
@@ -61,21 +65,25 @@ class GrpcInterop(harness.ClusterTestCase):
     def setUpClass(cls):
         c = cls.c = cls.new_class_cluster()
         c.start_coordinator()
-        # Submitted before any worker exists, so the first watcher is in place before step 1.
+        # Submitted before any worker exists, so the first watchers are in place before step 1.
         cls.submitted = c.submit(model="mlp", max_steps=STEPS, name="interop")
+        cls.long = c.submit(model="cnn", max_steps=LONG_STEPS, name="seam")
         cls.early = Watcher(c, cls.submitted.id)
-        cls.early.start()
-        cls.early.connected.wait(harness.scaled(10))
+        cls.early_long = Watcher(c, cls.long.id)
+        for w in (cls.early, cls.early_long):
+            w.start()
+            w.connected.wait(harness.scaled(10))
         c.add_worker("w0")
-        cls.early.first_step.wait(harness.scaled(60))
-        cls.joiner = Watcher(c, cls.submitted.id)
+        c.add_worker("w1")
+        cls.early_long.first_step.wait(harness.scaled(60))
+        cls.joiner = Watcher(c, cls.long.id)
         cls.joiner.start()
 
-    def check_stream(self, items, who):
+    def check_stream(self, items, who, steps=STEPS):
         kinds = [k for k, _ in items]
         self.assertEqual(kinds[0], "job", "%s: first item %s" % (who, kinds[:3]))
-        steps = [m.step for m in metrics_of(items)]
-        self.assertEqual(steps, list(range(1, STEPS + 1)), "%s: step numbers" % who)
+        numbers = [m.step for m in metrics_of(items)]
+        self.assertEqual(numbers, list(range(1, steps + 1)), "%s: step numbers" % who)
         lr0 = items[0][1].spec.optimizer.lr0
         self.assertEqual(lr0, 0.05, "%s: lr0 of the filled-in spec" % who)
         for m in metrics_of(items):
@@ -84,7 +92,7 @@ class GrpcInterop(harness.ClusterTestCase):
         self.assertEqual(kinds[-1], "job", "%s: last items %s" % (who, kinds[-3:]))
         final = items[-1][1]
         self.assertEqual(state_name(final.state), "SUCCEEDED", "%s: %s" % (who, final.error))
-        self.assertEqual(final.step, STEPS)
+        self.assertEqual(final.step, steps)
         self.assertTrue(final.has_test_result)
         return final
 
@@ -112,9 +120,16 @@ class GrpcInterop(harness.ClusterTestCase):
 
     def test_watch_joined_mid_job_gets_history_then_live_without_gaps(self):
         items = self.joiner.result(self)
+        joined_at = items[0][1].step
         sys.stderr.write("the second watcher joined with the job at step %d of %d\n"
-                         % (items[0][1].step, STEPS))
-        self.check_stream(items, "watcher joined after step 1")
+                         % (joined_at, LONG_STEPS))
+        self.assertGreater(joined_at, 0, "the watcher must join after the first report")
+        self.assertLess(joined_at, LONG_STEPS, "the watcher must join before the end")
+        self.check_stream(items, "watcher joined at step %d" % joined_at, LONG_STEPS)
+        live = self.early_long.result(self)
+        self.check_stream(live, "watcher of the long job connected while queued", LONG_STEPS)
+        self.assertEqual(metrics_of(items), metrics_of(live))
+        self.assertEqual([e for k, e in items if k == "eval"], [e for k, e in live if k == "eval"])
 
     def test_list_and_get_agree_with_the_final_watched_job(self):
         final = self.early.result(self)[-1][1]

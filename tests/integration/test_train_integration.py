@@ -37,7 +37,7 @@ class TrainCnn(harness.ClusterTestCase):
         self.assertEqual(sub.returncode, 0, "submit failed: %s" % sub.stderr)
         job_id = sub.stdout.strip()
 
-        watch = c.ctl("watch", job_id, timeout=300)
+        watch = c.ctl("watch", job_id, timeout=120)
         self.assertEqual(watch.returncode, 0,
                          "watch exited %d\nstdout:\n%s\nstderr:\n%s"
                          % (watch.returncode, watch.stdout, watch.stderr))
@@ -60,7 +60,7 @@ class TrainCnn(harness.ClusterTestCase):
     def run_20_steps(self, workers):
         job = self.c.submit(model="cnn", workers=workers, batch_size=128, max_steps=20, seed=7,
                             name="parity-%d" % workers)
-        items = self.c.watch(job.id, timeout=180)
+        items = self.c.watch(job.id, timeout=60)
         final = items[-1]
         self.assertEqual(final[0], "job")
         self.assertEqual(harness.state_name(final[1].state), "SUCCEEDED",
