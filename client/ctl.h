@@ -8,7 +8,7 @@
 
 typedef struct {
   const char* coordinator;
-  int argc;      /* argv[0] is the command's name */
+  int argc; /* argv[0] is the command's name */
   char** argv;
 } ctl_args;
 

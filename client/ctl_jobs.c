@@ -18,8 +18,10 @@ ProtobufCMessage* ctl_call(const ctl_args* a, const char* method, const Protobuf
   zn_rpc_status st;
   if (zn_rpc_unary(ch, method, req, resp_type, CTL_TIMEOUT_MS, &resp, &st) != ZN_OK) {
     if (st.code == ZN_RPC_UNAVAILABLE)
-      fprintf(stderr, "zenithctl: cannot reach the coordinator at %s (%s); is it running? "
-              "Set it with --coordinator or ZENITH_COORDINATOR\n", a->coordinator, st.message);
+      fprintf(stderr,
+              "zenithctl: cannot reach the coordinator at %s (%s); is it running? "
+              "Set it with --coordinator or ZENITH_COORDINATOR\n",
+              a->coordinator, st.message);
     else
       fprintf(stderr, "zenithctl: %s: %s\n", zn_rpc_code_name(st.code), st.message);
     resp = NULL;
@@ -60,33 +62,52 @@ static const char* submit_help =
     "  --spike-factor X      skip norms above X times the peak; 0 = off (0)\n"
     "  --watch               follow the job after submitting it\n";
 
-enum { S_MODEL = 1, S_DATASET, S_DATA_DIR, S_WORKERS, S_BATCH, S_EPOCHS, S_MAX_STEPS, S_SEED,
-       S_EVAL, S_THREADS, S_NAME, S_LR0, S_WINDOW, S_MOMENTUM, S_NESTEROV, S_WD, S_DD, S_LR_MIN,
-       S_SPIKE, S_WATCH, S_HELP };
+enum {
+  S_MODEL = 1,
+  S_DATASET,
+  S_DATA_DIR,
+  S_WORKERS,
+  S_BATCH,
+  S_EPOCHS,
+  S_MAX_STEPS,
+  S_SEED,
+  S_EVAL,
+  S_THREADS,
+  S_NAME,
+  S_LR0,
+  S_WINDOW,
+  S_MOMENTUM,
+  S_NESTEROV,
+  S_WD,
+  S_DD,
+  S_LR_MIN,
+  S_SPIKE,
+  S_WATCH,
+  S_HELP
+};
 
-static const struct option submit_options[] = {
-    {"model", required_argument, 0, S_MODEL},
-    {"dataset", required_argument, 0, S_DATASET},
-    {"data-dir", required_argument, 0, S_DATA_DIR},
-    {"workers", required_argument, 0, S_WORKERS},
-    {"batch-size", required_argument, 0, S_BATCH},
-    {"epochs", required_argument, 0, S_EPOCHS},
-    {"max-steps", required_argument, 0, S_MAX_STEPS},
-    {"seed", required_argument, 0, S_SEED},
-    {"eval-every", required_argument, 0, S_EVAL},
-    {"threads", required_argument, 0, S_THREADS},
-    {"name", required_argument, 0, S_NAME},
-    {"lr0", required_argument, 0, S_LR0},
-    {"window", required_argument, 0, S_WINDOW},
-    {"momentum", required_argument, 0, S_MOMENTUM},
-    {"nesterov", no_argument, 0, S_NESTEROV},
-    {"weight-decay", required_argument, 0, S_WD},
-    {"decoupled-decay", required_argument, 0, S_DD},
-    {"lr-min", required_argument, 0, S_LR_MIN},
-    {"spike-factor", required_argument, 0, S_SPIKE},
-    {"watch", no_argument, 0, S_WATCH},
-    {"help", no_argument, 0, S_HELP},
-    {0, 0, 0, 0}};
+static const struct option submit_options[] = {{"model", required_argument, 0, S_MODEL},
+                                               {"dataset", required_argument, 0, S_DATASET},
+                                               {"data-dir", required_argument, 0, S_DATA_DIR},
+                                               {"workers", required_argument, 0, S_WORKERS},
+                                               {"batch-size", required_argument, 0, S_BATCH},
+                                               {"epochs", required_argument, 0, S_EPOCHS},
+                                               {"max-steps", required_argument, 0, S_MAX_STEPS},
+                                               {"seed", required_argument, 0, S_SEED},
+                                               {"eval-every", required_argument, 0, S_EVAL},
+                                               {"threads", required_argument, 0, S_THREADS},
+                                               {"name", required_argument, 0, S_NAME},
+                                               {"lr0", required_argument, 0, S_LR0},
+                                               {"window", required_argument, 0, S_WINDOW},
+                                               {"momentum", required_argument, 0, S_MOMENTUM},
+                                               {"nesterov", no_argument, 0, S_NESTEROV},
+                                               {"weight-decay", required_argument, 0, S_WD},
+                                               {"decoupled-decay", required_argument, 0, S_DD},
+                                               {"lr-min", required_argument, 0, S_LR_MIN},
+                                               {"spike-factor", required_argument, 0, S_SPIKE},
+                                               {"watch", no_argument, 0, S_WATCH},
+                                               {"help", no_argument, 0, S_HELP},
+                                               {0, 0, 0, 0}};
 
 static int parse_i64(int opt, const char* text, long long* out) {
   char* end;
@@ -122,14 +143,30 @@ static int parse_double(int opt, const char* text, double* out) {
 
 static int parse_optimizer_flag(int opt, const char* arg, Zenith__V1__ZenithParams* p) {
   switch (opt) {
-    case S_LR0: p->has_lr0 = 1; return parse_double(opt, arg, &p->lr0);
-    case S_WINDOW: p->has_window = 1; return parse_int(opt, arg, &p->window);
-    case S_MOMENTUM: p->has_momentum = 1; return parse_double(opt, arg, &p->momentum);
-    case S_NESTEROV: p->has_nesterov = p->nesterov = 1; return 0;
-    case S_WD: p->has_weight_decay = 1; return parse_double(opt, arg, &p->weight_decay);
-    case S_DD: p->has_decoupled_decay = 1; return parse_double(opt, arg, &p->decoupled_decay);
-    case S_LR_MIN: p->has_lr_min = 1; return parse_double(opt, arg, &p->lr_min);
-    case S_SPIKE: p->has_spike_factor = 1; return parse_double(opt, arg, &p->spike_factor);
+    case S_LR0:
+      p->has_lr0 = 1;
+      return parse_double(opt, arg, &p->lr0);
+    case S_WINDOW:
+      p->has_window = 1;
+      return parse_int(opt, arg, &p->window);
+    case S_MOMENTUM:
+      p->has_momentum = 1;
+      return parse_double(opt, arg, &p->momentum);
+    case S_NESTEROV:
+      p->has_nesterov = p->nesterov = 1;
+      return 0;
+    case S_WD:
+      p->has_weight_decay = 1;
+      return parse_double(opt, arg, &p->weight_decay);
+    case S_DD:
+      p->has_decoupled_decay = 1;
+      return parse_double(opt, arg, &p->decoupled_decay);
+    case S_LR_MIN:
+      p->has_lr_min = 1;
+      return parse_double(opt, arg, &p->lr_min);
+    case S_SPIKE:
+      p->has_spike_factor = 1;
+      return parse_double(opt, arg, &p->spike_factor);
   }
   return -1;
 }
@@ -137,15 +174,33 @@ static int parse_optimizer_flag(int opt, const char* arg, Zenith__V1__ZenithPara
 static int parse_spec_flag(int opt, char* arg, Zenith__V1__JobSpec* s) {
   long long v;
   switch (opt) {
-    case S_MODEL: s->model = arg; return 0;
-    case S_DATASET: s->dataset = arg; return 0;
-    case S_DATA_DIR: s->data_dir = arg; return 0;
-    case S_NAME: s->name = arg; return 0;
-    case S_WORKERS: s->has_workers = 1; return parse_int(opt, arg, &s->workers);
-    case S_BATCH: s->has_batch_size = 1; return parse_int(opt, arg, &s->batch_size);
-    case S_EPOCHS: s->has_epochs = 1; return parse_int(opt, arg, &s->epochs);
-    case S_EVAL: s->has_eval_every = 1; return parse_int(opt, arg, &s->eval_every);
-    case S_THREADS: s->has_threads = 1; return parse_int(opt, arg, &s->threads);
+    case S_MODEL:
+      s->model = arg;
+      return 0;
+    case S_DATASET:
+      s->dataset = arg;
+      return 0;
+    case S_DATA_DIR:
+      s->data_dir = arg;
+      return 0;
+    case S_NAME:
+      s->name = arg;
+      return 0;
+    case S_WORKERS:
+      s->has_workers = 1;
+      return parse_int(opt, arg, &s->workers);
+    case S_BATCH:
+      s->has_batch_size = 1;
+      return parse_int(opt, arg, &s->batch_size);
+    case S_EPOCHS:
+      s->has_epochs = 1;
+      return parse_int(opt, arg, &s->epochs);
+    case S_EVAL:
+      s->has_eval_every = 1;
+      return parse_int(opt, arg, &s->eval_every);
+    case S_THREADS:
+      s->has_threads = 1;
+      return parse_int(opt, arg, &s->threads);
     case S_MAX_STEPS:
       s->has_max_steps = 1;
       return parse_i64(opt, arg, (long long*)&s->max_steps);
@@ -173,8 +228,10 @@ int ctl_submit(const ctl_args* a) {
       fputs(submit_help, stdout);
       return 0;
     }
-    if (opt == S_WATCH) watch = 1;
-    else if (parse_spec_flag(opt, optarg, &spec) != 0) return 2;
+    if (opt == S_WATCH)
+      watch = 1;
+    else if (parse_spec_flag(opt, optarg, &spec) != 0)
+      return 2;
   }
   if (optind < a->argc) {
     fprintf(stderr, "zenithctl submit: unexpected argument '%s'\n", a->argv[optind]);
@@ -183,9 +240,8 @@ int ctl_submit(const ctl_args* a) {
 
   Zenith__V1__SubmitJobRequest req = ZENITH__V1__SUBMIT_JOB_REQUEST__INIT;
   req.spec = &spec;
-  Zenith__V1__SubmitJobResponse* resp =
-      (void*)ctl_call(a, "/zenith.v1.Zenith/SubmitJob", &req.base,
-                      &zenith__v1__submit_job_response__descriptor);
+  Zenith__V1__SubmitJobResponse* resp = (void*)ctl_call(
+      a, "/zenith.v1.Zenith/SubmitJob", &req.base, &zenith__v1__submit_job_response__descriptor);
   if (!resp) return 1;
   char id[64];
   snprintf(id, sizeof id, "%s", resp->job->id);
@@ -228,8 +284,8 @@ static json_t* spec_json(const Zenith__V1__JobSpec* s) {
                    s->name ? s->name : "", "model", s->model ? s->model : "", "dataset",
                    s->dataset ? s->dataset : "", "data_dir", s->data_dir ? s->data_dir : "",
                    "workers", s->workers, "batch_size", s->batch_size, "epochs", s->epochs,
-                   "max_steps", (json_int_t)s->max_steps, "seed", (json_int_t)s->seed,
-                   "eval_every", s->eval_every, "threads", s->threads, "optimizer", opt);
+                   "max_steps", (json_int_t)s->max_steps, "seed", (json_int_t)s->seed, "eval_every",
+                   s->eval_every, "threads", s->threads, "optimizer", opt);
 }
 
 static json_t* job_json(const Zenith__V1__Job* j) {
@@ -245,7 +301,8 @@ static json_t* job_json(const Zenith__V1__Job* j) {
   json_object_set_new(o, "error", j->error && j->error[0] ? json_string(j->error) : json_null());
   json_object_set_new(o, "reason", json_string(j->reason ? j->reason : ""));
   json_t* workers = json_array();
-  for (size_t i = 0; i < j->n_workers; i++) json_array_append_new(workers, json_string(j->workers[i]));
+  for (size_t i = 0; i < j->n_workers; i++)
+    json_array_append_new(workers, json_string(j->workers[i]));
   json_object_set_new(o, "workers", workers);
   json_object_set_new(o, "created", json_time(j->created_unix_ms));
   json_object_set_new(o, "started", json_time(j->started_unix_ms));
@@ -291,8 +348,10 @@ static int wants_json(const ctl_args* a, const char** positional, int max_positi
 }
 
 static void print_progress_cell(const Zenith__V1__Job* j) {
-  if (j->total_steps > 0) printf("%7lld/%-7lld", (long long)j->step, (long long)j->total_steps);
-  else printf("%7lld/%-7s", (long long)j->step, "?");
+  if (j->total_steps > 0)
+    printf("%7lld/%-7lld", (long long)j->step, (long long)j->total_steps);
+  else
+    printf("%7lld/%-7s", (long long)j->step, "?");
 }
 
 int ctl_list(const ctl_args* a) {
@@ -300,8 +359,8 @@ int ctl_list(const ctl_args* a) {
   int json = wants_json(a, none, 0);
   if (json < 0) return 2;
   Zenith__V1__ListJobsRequest req = ZENITH__V1__LIST_JOBS_REQUEST__INIT;
-  Zenith__V1__ListJobsResponse* resp = (void*)ctl_call(
-      a, "/zenith.v1.Zenith/ListJobs", &req.base, &zenith__v1__list_jobs_response__descriptor);
+  Zenith__V1__ListJobsResponse* resp = (void*)ctl_call(a, "/zenith.v1.Zenith/ListJobs", &req.base,
+                                                       &zenith__v1__list_jobs_response__descriptor);
   if (!resp) return 1;
   if (json) {
     json_t* arr = json_array();
@@ -315,8 +374,10 @@ int ctl_list(const ctl_args* a) {
       const Zenith__V1__Job* j = resp->jobs[i];
       printf("%-8s %-10s %-6s ", j->id, ctl_state_name(j->state), j->spec ? j->spec->model : "");
       print_progress_cell(j);
-      if (j->has_test_result) printf(" %7.2f%%  ", 100 * j->test_accuracy);
-      else printf(" %-9s ", "-");
+      if (j->has_test_result)
+        printf(" %7.2f%%  ", 100 * j->test_accuracy);
+      else
+        printf(" %-9s ", "-");
       printf("%s\n", j->error && j->error[0] ? j->error : (j->reason ? j->reason : ""));
     }
   }
@@ -326,8 +387,8 @@ int ctl_list(const ctl_args* a) {
 
 static void print_job_text(const Zenith__V1__Job* j) {
   printf("id:            %s\n", j->id);
-  printf("state:         %s%s%s\n", ctl_state_name(j->state), j->reason && j->reason[0] ? " - " : "",
-         j->reason ? j->reason : "");
+  printf("state:         %s%s%s\n", ctl_state_name(j->state),
+         j->reason && j->reason[0] ? " - " : "", j->reason ? j->reason : "");
   if (j->spec)
     printf("model:         %s on %s, %d worker(s), batch %d\n", j->spec->model, j->spec->dataset,
            j->spec->workers, j->spec->batch_size);
@@ -355,8 +416,10 @@ int ctl_status(const ctl_args* a) {
   Zenith__V1__Job* job =
       (void*)ctl_call(a, "/zenith.v1.Zenith/GetJob", &req.base, &zenith__v1__job__descriptor);
   if (!job) return 1;
-  if (json) ctl_print_job_json(job);
-  else print_job_text(job);
+  if (json)
+    ctl_print_job_json(job);
+  else
+    print_job_text(job);
   protobuf_c_message_free_unpacked(&job->base, NULL);
   return 0;
 }

@@ -45,9 +45,8 @@ static void show_metrics(view* v, const Zenith__V1__StepMetrics* m) {
   if (v->tty) {
     clear_line(v);
     print_bar(m->step, total);
-    printf(" %lld/%lld  epoch %d/%d  loss %.4f  lr %.5f  |g| %.3f  %.0f img/s",
-           (long long)m->step, (long long)total, m->epoch, v->epochs, m->loss, m->lr,
-           m->grad_norm, m->images_per_sec);
+    printf(" %lld/%lld  epoch %d/%d  loss %.4f  lr %.5f  |g| %.3f  %.0f img/s", (long long)m->step,
+           (long long)total, m->epoch, v->epochs, m->loss, m->lr, m->grad_norm, m->images_per_sec);
     v->line_drawn = 1;
     fflush(stdout);
     return;
@@ -55,10 +54,11 @@ static void show_metrics(view* v, const Zenith__V1__StepMetrics* m) {
   int64_t every = total > 20 ? total / 20 : 1;
   if (m->step - v->last_printed_step < every && m->step != total) return;
   v->last_printed_step = m->step;
-  printf("%s step %lld/%lld epoch %d loss %.4f lr %.6f grad_norm %.4f window_mean %.4f "
-         "peak %.4f images/s %.0f%s\n",
-         v->id, (long long)m->step, (long long)total, m->epoch, m->loss, m->lr, m->grad_norm,
-         m->window_mean, m->peak, m->images_per_sec, m->skipped ? " (skipped)" : "");
+  printf(
+      "%s step %lld/%lld epoch %d loss %.4f lr %.6f grad_norm %.4f window_mean %.4f "
+      "peak %.4f images/s %.0f%s\n",
+      v->id, (long long)m->step, (long long)total, m->epoch, m->loss, m->lr, m->grad_norm,
+      m->window_mean, m->peak, m->images_per_sec, m->skipped ? " (skipped)" : "");
   fflush(stdout);
 }
 
@@ -70,8 +70,8 @@ static void show_line(view* v, const char* fmt, const char* a, const char* b) {
 
 static void show_eval(view* v, const Zenith__V1__EvalResult* e) {
   clear_line(v);
-  printf("%s eval at step %lld: test accuracy %.2f%%, test loss %.4f\n", v->id,
-         (long long)e->step, 100 * e->test_accuracy, e->test_loss);
+  printf("%s eval at step %lld: test accuracy %.2f%%, test loss %.4f\n", v->id, (long long)e->step,
+         100 * e->test_accuracy, e->test_loss);
   fflush(stdout);
 }
 

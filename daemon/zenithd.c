@@ -19,7 +19,8 @@
 static const char* usage_text =
     "usage: zenithd coordinator [flags]\n"
     "         --listen ADDR            address to serve the gRPC API on (127.0.0.1:7070)\n"
-    "         --state DIR              folder for zenith.db, the jobs and their history (./zenith-state)\n"
+    "         --state DIR              folder for zenith.db, the jobs and their history "
+    "(./zenith-state)\n"
     "         --heartbeat-ms N         how often workers send a heartbeat (500)\n"
     "         --worker-timeout-ms N    a worker silent this long is lost (5000)\n"
     "         --port-file FILE         write the bound port there (useful with port 0)\n"
@@ -41,26 +42,71 @@ static int parse_int(const char* flag, const char* text, int min, int* out) {
   return 0;
 }
 
-enum { OPT_LISTEN = 1, OPT_STATE, OPT_HEARTBEAT, OPT_TIMEOUT, OPT_PORT_FILE, OPT_COORDINATOR,
-       OPT_NAME, OPT_HOST, OPT_THREADS, OPT_LOG_LEVEL, OPT_HELP };
+enum {
+  OPT_LISTEN = 1,
+  OPT_STATE,
+  OPT_HEARTBEAT,
+  OPT_TIMEOUT,
+  OPT_PORT_FILE,
+  OPT_COORDINATOR,
+  OPT_NAME,
+  OPT_HOST,
+  OPT_THREADS,
+  OPT_LOG_LEVEL,
+  OPT_HELP
+};
 
-static const struct option options[] = {
-    {"listen", required_argument, 0, OPT_LISTEN},
-    {"state", required_argument, 0, OPT_STATE},
-    {"heartbeat-ms", required_argument, 0, OPT_HEARTBEAT},
-    {"worker-timeout-ms", required_argument, 0, OPT_TIMEOUT},
-    {"port-file", required_argument, 0, OPT_PORT_FILE},
-    {"coordinator", required_argument, 0, OPT_COORDINATOR},
-    {"name", required_argument, 0, OPT_NAME},
-    {"host", required_argument, 0, OPT_HOST},
-    {"threads", required_argument, 0, OPT_THREADS},
-    {"log-level", required_argument, 0, OPT_LOG_LEVEL},
-    {"help", no_argument, 0, OPT_HELP},
-    {0, 0, 0, 0}};
+static const struct option options[] = {{"listen", required_argument, 0, OPT_LISTEN},
+                                        {"state", required_argument, 0, OPT_STATE},
+                                        {"heartbeat-ms", required_argument, 0, OPT_HEARTBEAT},
+                                        {"worker-timeout-ms", required_argument, 0, OPT_TIMEOUT},
+                                        {"port-file", required_argument, 0, OPT_PORT_FILE},
+                                        {"coordinator", required_argument, 0, OPT_COORDINATOR},
+                                        {"name", required_argument, 0, OPT_NAME},
+                                        {"host", required_argument, 0, OPT_HOST},
+                                        {"threads", required_argument, 0, OPT_THREADS},
+                                        {"log-level", required_argument, 0, OPT_LOG_LEVEL},
+                                        {"help", no_argument, 0, OPT_HELP},
+                                        {0, 0, 0, 0}};
 
 static int flag_fits_role(int opt, int is_coordinator) {
   if (opt == OPT_LOG_LEVEL || opt == OPT_HELP) return 1;
   return is_coordinator ? opt <= OPT_PORT_FILE : opt >= OPT_COORDINATOR;
+}
+
+/* Stores one parsed flag; -1 (after saying why) when its value is bad. */
+static int apply_flag(int opt, char* value, coord_config* cc, worker_config* wc) {
+  switch (opt) {
+    case OPT_LISTEN:
+      cc->listen = value;
+      return 0;
+    case OPT_STATE:
+      cc->state_dir = value;
+      return 0;
+    case OPT_PORT_FILE:
+      cc->port_file = value;
+      return 0;
+    case OPT_COORDINATOR:
+      wc->coordinator = value;
+      return 0;
+    case OPT_NAME:
+      wc->name = value;
+      return 0;
+    case OPT_HOST:
+      wc->host = value;
+      return 0;
+    case OPT_HEARTBEAT:
+      return parse_int("--heartbeat-ms", value, 10, &cc->heartbeat_ms);
+    case OPT_TIMEOUT:
+      return parse_int("--worker-timeout-ms", value, 100, &cc->worker_timeout_ms);
+    case OPT_THREADS:
+      return parse_int("--threads", value, 1, &wc->threads);
+    case OPT_LOG_LEVEL:
+      if (zn_log_set_level_name(value) == 0) return 0;
+      fprintf(stderr, "zenithd: --log-level expects debug, info, warn or error, got '%s'\n", value);
+      return -1;
+  }
+  return -1;
 }
 
 int main(int argc, char** argv) {
@@ -91,34 +137,19 @@ int main(int argc, char** argv) {
               argv[1], usage_text);
       return 2;
     }
-    int bad = 0;
-    switch (opt) {
-      case OPT_LISTEN: cc.listen = optarg; break;
-      case OPT_STATE: cc.state_dir = optarg; break;
-      case OPT_HEARTBEAT: bad = parse_int("--heartbeat-ms", optarg, 10, &cc.heartbeat_ms); break;
-      case OPT_TIMEOUT: bad = parse_int("--worker-timeout-ms", optarg, 100, &cc.worker_timeout_ms); break;
-      case OPT_PORT_FILE: cc.port_file = optarg; break;
-      case OPT_COORDINATOR: wc.coordinator = optarg; break;
-      case OPT_NAME: wc.name = optarg; break;
-      case OPT_HOST: wc.host = optarg; break;
-      case OPT_THREADS: bad = parse_int("--threads", optarg, 1, &wc.threads); break;
-      case OPT_LOG_LEVEL:
-        if (zn_log_set_level_name(optarg) != 0) {
-          fprintf(stderr, "zenithd: --log-level expects debug, info, warn or error, got '%s'\n",
-                  optarg);
-          bad = 1;
-        }
-        break;
-      case OPT_HELP: fputs(usage_text, stdout); return 0;
+    if (opt == OPT_HELP) {
+      fputs(usage_text, stdout);
+      return 0;
     }
-    if (bad) return 2;
+    if (apply_flag(opt, optarg, &cc, &wc) != 0) return 2;
   }
   if (optind < argc) {
     fprintf(stderr, "zenithd: unexpected argument '%s'\n%s", argv[optind], usage_text);
     return 2;
   }
   if (is_coordinator && cc.worker_timeout_ms <= 2 * cc.heartbeat_ms) {
-    fprintf(stderr, "zenithd: --worker-timeout-ms (%d) must be more than twice --heartbeat-ms (%d)\n",
+    fprintf(stderr,
+            "zenithd: --worker-timeout-ms (%d) must be more than twice --heartbeat-ms (%d)\n",
             cc.worker_timeout_ms, cc.heartbeat_ms);
     return 2;
   }

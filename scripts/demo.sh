@@ -9,6 +9,7 @@ bin=${1:-build/bin}
 dir=${ZENITH_DEMO_DIR:-.demo}
 workers=2
 epochs=${ZENITH_DEMO_EPOCHS:-2}
+seed=${ZENITH_DEMO_SEED:-2}
 cores=$(nproc)
 threads=$(( cores / workers > 0 ? cores / workers : 1 ))
 
@@ -37,7 +38,7 @@ echo "demo: coordinator on $ZENITH_COORDINATOR, $workers workers with $threads t
      "logs in $dir/logs"
 
 job=$("$bin/zenithctl" submit --name demo --model cnn --dataset fashion-mnist --workers "$workers" \
-      --batch-size 128 --epochs "$epochs" --seed 1 --lr0 0.05 --window 100 --momentum 0.9 \
+      --batch-size 128 --epochs "$epochs" --seed "$seed" --lr0 0.05 --window 100 --momentum 0.9 \
       --weight-decay 5e-4)
 echo "demo: submitted job $job (cnn, $epochs epochs, global batch 128, ZENITH lr0 0.05 window 100)"
 start=$(date +%s)

@@ -21,10 +21,9 @@ void zn_log_set_context(const char* job, int rank);
 void zn_log_write(zn_log_level level, const char* file, int line, const char* fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-#define ZN_LOG(level, ...)                                          \
-  do {                                                              \
-    if ((level) >= zn_log_threshold)                                \
-      zn_log_write((level), __FILE__, __LINE__, __VA_ARGS__);       \
+#define ZN_LOG(level, ...)                                                                   \
+  do {                                                                                       \
+    if ((level) >= zn_log_threshold) zn_log_write((level), __FILE__, __LINE__, __VA_ARGS__); \
   } while (0)
 
 #define ZN_DEBUG(...) ZN_LOG(ZN_LOG_DEBUG, __VA_ARGS__)

@@ -32,12 +32,23 @@ static void grpc_start(void) {
 }
 
 const char* zn_rpc_code_name(int code) {
-  static const char* names[] = {
-      "OK",           "CANCELLED",         "UNKNOWN",           "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND",     "ALREADY_EXISTS",    "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",   "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",       "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static const char* names[] = {"OK",
+                                "CANCELLED",
+                                "UNKNOWN",
+                                "INVALID_ARGUMENT",
+                                "DEADLINE_EXCEEDED",
+                                "NOT_FOUND",
+                                "ALREADY_EXISTS",
+                                "PERMISSION_DENIED",
+                                "RESOURCE_EXHAUSTED",
+                                "FAILED_PRECONDITION",
+                                "ABORTED",
+                                "OUT_OF_RANGE",
+                                "UNIMPLEMENTED",
+                                "INTERNAL",
+                                "UNAVAILABLE",
+                                "DATA_LOSS",
+                                "UNAUTHENTICATED"};
   if (code < 0 || code > 16) return "UNKNOWN";
   return names[code];
 }
@@ -112,18 +123,18 @@ struct zn_rpc_call {
   ProtobufCMessage* request;
   call_tag tag_new, tag_close, tag_write, tag_status;
 
-  int pending;           /* batches in flight */
+  int pending; /* batches in flight */
   int initial_md_sent;
-  int status_started;    /* the final status batch has been started */
-  int client_gone;       /* receive-close completed with cancelled */
-  int close_seen;        /* receive-close completed at all */
-  int cancelled_flag;    /* filled by RECV_CLOSE_ON_SERVER */
+  int status_started; /* the final status batch has been started */
+  int client_gone;    /* receive-close completed with cancelled */
+  int close_seen;     /* receive-close completed at all */
+  int cancelled_flag; /* filled by RECV_CLOSE_ON_SERVER */
 
   queued_write* write_head;
   queued_write* write_tail;
   int write_in_flight;
-  grpc_byte_buffer* write_payload;   /* the one in flight */
-  int finish_queued;                 /* stream_finish called while writes remain */
+  grpc_byte_buffer* write_payload; /* the one in flight */
+  int finish_queued;               /* stream_finish called while writes remain */
   int finish_code;
   char* finish_message;
   grpc_slice status_details;
@@ -178,8 +189,8 @@ int zn_rpc_server_create(const char* addr, zn_rpc_server** out, int* bound_port,
 }
 
 int zn_rpc_server_add_method(zn_rpc_server* s, const char* path, zn_rpc_kind kind,
-                             const ProtobufCMessageDescriptor* request_type,
-                             zn_rpc_handler handler, void* ud) {
+                             const ProtobufCMessageDescriptor* request_type, zn_rpc_handler handler,
+                             void* ud) {
   if (s->started) return ZN_ERR_INVALID;
   method* m = calloc(1, sizeof *m);
   if (!m) return ZN_ERR_NOMEM;
@@ -226,8 +237,8 @@ static void request_call(zn_rpc_server* s, method* m) {
   c->tag_status = (call_tag){TAG_STATUS, c};
   grpc_metadata_array_init(&c->request_metadata);
   grpc_call_error e = grpc_server_request_registered_call(
-      s->server, m->registered, &c->call, &c->deadline, &c->request_metadata,
-      &c->request_payload, s->cq, s->cq, &c->tag_new);
+      s->server, m->registered, &c->call, &c->deadline, &c->request_metadata, &c->request_payload,
+      s->cq, s->cq, &c->tag_new);
   if (e != GRPC_CALL_OK) {
     ZN_ERROR("cannot wait for calls to %s: %s", m->path, grpc_call_error_to_string(e));
     grpc_metadata_array_destroy(&c->request_metadata);
@@ -334,8 +345,10 @@ int zn_rpc_stream_write(zn_rpc_call* c, const ProtobufCMessage* msg) {
   queued_write* w = calloc(1, sizeof *w);
   if (!w) return -1;
   w->payload = pack_message(msg);
-  if (c->write_tail) c->write_tail->next = w;
-  else c->write_head = w;
+  if (c->write_tail)
+    c->write_tail->next = w;
+  else
+    c->write_head = w;
   c->write_tail = w;
   if (!c->write_in_flight) start_next_write(c);
   return 0;
@@ -362,7 +375,7 @@ const char* zn_rpc_call_peer(zn_rpc_call* c) {
 }
 
 static void on_new_call(zn_rpc_server* s, zn_rpc_call* c, int ok) {
-  if (!ok) {  /* the server is shutting down */
+  if (!ok) { /* the server is shutting down */
     grpc_metadata_array_destroy(&c->request_metadata);
     free(c);
     return;
@@ -424,7 +437,7 @@ static void dispatch(zn_rpc_server* s, call_tag* tag, int ok) {
     on_close(c);
   } else if (kind == TAG_WRITE) {
     on_write_done(c, ok);
-  } else if (c->write_payload) {  /* TAG_STATUS: its batch may have carried a reply */
+  } else if (c->write_payload) { /* TAG_STATUS: its batch may have carried a reply */
     grpc_byte_buffer_destroy(c->write_payload);
     c->write_payload = NULL;
   }
@@ -649,8 +662,10 @@ static void stream_read_status(zn_rpc_stream* st, zn_rpc_status* status) {
   op.data.recv_status_on_client.trailing_metadata = &trailing_md;
   op.data.recv_status_on_client.status = &code;
   op.data.recv_status_on_client.status_details = &details;
-  if (run_batch(st->call, st->cq, &op, 1)) set_status(status, code, details);
-  else set_status_text(status, ZN_RPC_INTERNAL, "the stream's status could not be read");
+  if (run_batch(st->call, st->cq, &op, 1))
+    set_status(status, code, details);
+  else
+    set_status_text(status, ZN_RPC_INTERNAL, "the stream's status could not be read");
   grpc_slice_unref(details);
   grpc_metadata_array_destroy(&trailing_md);
   st->ended = 1;

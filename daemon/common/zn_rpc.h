@@ -58,8 +58,8 @@ int zn_rpc_server_create(const char* addr, zn_rpc_server** out, int* bound_port,
                          size_t errlen);
 /* path is "/package.Service/Method". Only before zn_rpc_server_start. */
 int zn_rpc_server_add_method(zn_rpc_server* s, const char* path, zn_rpc_kind kind,
-                             const ProtobufCMessageDescriptor* request_type,
-                             zn_rpc_handler handler, void* ud);
+                             const ProtobufCMessageDescriptor* request_type, zn_rpc_handler handler,
+                             void* ud);
 /* Calls fn every interval_ms on the server thread (timers, liveness checks). */
 void zn_rpc_server_set_tick(zn_rpc_server* s, int interval_ms, zn_rpc_tick_fn fn, void* ud);
 int zn_rpc_server_start(zn_rpc_server* s);

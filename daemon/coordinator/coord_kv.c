@@ -205,8 +205,8 @@ void coord_kv_expire(coord_kv* kv) {
       const char* missing = "";
       for (size_t i = 0; i < w->request->n_keys; i++)
         if (!find(kv, w->request->keys[i])) missing = w->request->keys[i];
-      zn_rpc_fail(w->call, ZN_RPC_DEADLINE_EXCEEDED,
-                  "KvWait: key %s was not set within %d ms", missing, w->request->timeout_ms);
+      zn_rpc_fail(w->call, ZN_RPC_DEADLINE_EXCEEDED, "KvWait: key %s was not set within %d ms",
+                  missing, w->request->timeout_ms);
       free(w);
     } else {
       p = &w->next;

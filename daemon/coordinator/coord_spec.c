@@ -6,10 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FAIL(...)                          \
-  do {                                     \
-    snprintf(err, errlen, __VA_ARGS__);    \
-    return -1;                             \
+#define FAIL(...)                       \
+  do {                                  \
+    snprintf(err, errlen, __VA_ARGS__); \
+    return -1;                          \
   } while (0)
 
 static int known_model(const char* m) {

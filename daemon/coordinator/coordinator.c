@@ -32,9 +32,9 @@ typedef struct worker {
   int64_t last_seen_ms;
   int64_t registered_ms;
   int lost;
-  char job_id[64];         /* job it runs or was given; empty when idle */
+  char job_id[64]; /* job it runs or was given; empty when idle */
   int rank;
-  int assignment_pending;  /* given a job, not yet told */
+  int assignment_pending; /* given a job, not yet told */
   struct worker* next;
 } worker;
 
@@ -63,8 +63,8 @@ typedef struct coordinator {
   zn_rpc_server* server;
   zn_store* store;
   coord_kv* kv;
-  worker* workers;       /* in registration order */
-  active_job* active;    /* in submission order */
+  worker* workers;    /* in registration order */
+  active_job* active; /* in submission order */
   int next_worker;
 } coordinator;
 
@@ -363,7 +363,7 @@ static void handle_watch(void* ud, zn_rpc_call* call, const ProtobufCMessage* ms
   replay_ctx ctx = {call};
   zn_store_replay(co->store, job->id, replay_one, &ctx);
 
-  if (owned) {  /* already final: the replay is the whole story */
+  if (owned) { /* already final: the replay is the whole story */
     zn_rpc_stream_write(call, &first.base);
     zn_rpc_stream_finish(call, ZN_RPC_OK, "");
     zenith__v1__job__free_unpacked(job, NULL);
@@ -397,8 +397,8 @@ static void handle_register(void* ud, zn_rpc_call* call, const ProtobufCMessage*
         active_job* a = find_active(co, w->job_id);
         if (a && a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
           char why[256];
-          snprintf(why, sizeof why, "worker %s (rank %d) restarted while running the job",
-                   w->name, w->rank);
+          snprintf(why, sizeof why, "worker %s (rank %d) restarted while running the job", w->name,
+                   w->rank);
           end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
         }
       }
@@ -460,8 +460,8 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
     zn_rpc_reply(call, &resp.base);
     return;
   }
-  if (running[0] && (!a || strcmp(running, a->job->id) != 0 ||
-                     a->job->state != ZENITH__V1__JOB_STATE__RUNNING)) {
+  if (running[0] &&
+      (!a || strcmp(running, a->job->id) != 0 || a->job->state != ZENITH__V1__JOB_STATE__RUNNING)) {
     resp.has_cancel = 1;
     resp.cancel = 1;
   }
@@ -481,12 +481,13 @@ static active_job* job_of_worker(coordinator* co, zn_rpc_call* call, const char*
   return job_id ? find_active(co, job_id) : NULL;
 }
 
-static void apply_metrics(coordinator* co, active_job* a, const Zenith__V1__ReportMetricsRequest* r) {
+static void apply_metrics(coordinator* co, active_job* a,
+                          const Zenith__V1__ReportMetricsRequest* r) {
   Job* job = a->job;
   if (r->has_total_steps && r->total_steps != job->total_steps) {
     job->has_total_steps = 1;
     job->total_steps = r->total_steps;
-    announce_job(a);  /* watchers learn the length of the job before its first step */
+    announce_job(a); /* watchers learn the length of the job before its first step */
   }
   if (r->n_metrics) {
     zn_store_append_metrics(co->store, job->id, r->metrics, r->n_metrics);
@@ -637,8 +638,8 @@ static void check_liveness(coordinator* co) {
     active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
     if (!a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING) continue;
     char why[300];
-    snprintf(why, sizeof why, "worker %s (rank %d) lost: no heartbeat for %.1f s", w->name,
-             w->rank, (now - w->last_seen_ms) / 1000.0);
+    snprintf(why, sizeof why, "worker %s (rank %d) lost: no heartbeat for %.1f s", w->name, w->rank,
+             (now - w->last_seen_ms) / 1000.0);
     record_event(co, a, "worker_lost", "%s", why);
     end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
   }
@@ -694,8 +695,9 @@ static int load_active_jobs(coordinator* co) {
       a->job->state = ZENITH__V1__JOB_STATE__QUEUED;
       set_string(&a->job->reason, "requeued: the coordinator restarted while it ran");
       save_job(co, a->job);
-      record_event(co, a, "requeued", "the coordinator restarted while the job ran; "
-                                      "it starts again from step 0");
+      record_event(co, a, "requeued",
+                   "the coordinator restarted while the job ran; "
+                   "it starts again from step 0");
       ZN_WARN("job %s requeued: it was running when the coordinator stopped", a->job->id);
     }
   }
@@ -728,12 +730,12 @@ static int add_methods(coordinator* co) {
        handle_heartbeat},
       {"/zenith.v1.Workers/ReportMetrics", ZN_RPC_UNARY,
        &zenith__v1__report_metrics_request__descriptor, handle_report},
-      {"/zenith.v1.Workers/FinishJob", ZN_RPC_UNARY,
-       &zenith__v1__finish_job_request__descriptor, handle_finish},
+      {"/zenith.v1.Workers/FinishJob", ZN_RPC_UNARY, &zenith__v1__finish_job_request__descriptor,
+       handle_finish},
   };
   for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
-    int rc = zn_rpc_server_add_method(co->server, methods[i].path, methods[i].kind,
-                                      methods[i].type, methods[i].handler, co);
+    int rc = zn_rpc_server_add_method(co->server, methods[i].path, methods[i].kind, methods[i].type,
+                                      methods[i].handler, co);
     if (rc != ZN_OK) return rc;
   }
   return coord_kv_add_methods(co->kv, co->server);

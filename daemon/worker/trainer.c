@@ -33,7 +33,7 @@ struct trainer {
   Zenith__V1__Assignment* asg;
   trainer_env env;
   pthread_t thread;
-  atomic_int stop;            /* asked to stop: 1 by the coordinator, 2 by the worker */
+  atomic_int stop; /* asked to stop: 1 by the coordinator, 2 by the worker */
   char stop_reason[256];
 };
 
@@ -49,7 +49,7 @@ typedef struct {
   zn_zenith_state state;
   double* window;
   float* momentum;
-  float* reduced;       /* gradient sum + loss + stop flag */
+  float* reduced; /* gradient sum + loss + stop flag */
   float* batch_x;
   uint8_t* batch_y;
   uint32_t* perm;
@@ -94,13 +94,13 @@ static int send_report(run* r) {
   }
   ProtobufCMessage* msg;
   zn_rpc_status st;
-  int rc = zn_rpc_unary(t->env.channel, "/zenith.v1.Workers/ReportMetrics", &req.base,
-                        &zenith__v1__report_metrics_response__descriptor, RPC_TIMEOUT_MS, &msg,
-                        &st);
+  int rc =
+      zn_rpc_unary(t->env.channel, "/zenith.v1.Workers/ReportMetrics", &req.base,
+                   &zenith__v1__report_metrics_response__descriptor, RPC_TIMEOUT_MS, &msg, &st);
   free(ptrs);
   if (rc != ZN_OK) {
-    ZN_WARN("metrics report of %zu step(s) failed: %s %s", r->n_pending,
-            zn_rpc_code_name(st.code), st.message);
+    ZN_WARN("metrics report of %zu step(s) failed: %s %s", r->n_pending, zn_rpc_code_name(st.code),
+            st.message);
     return rc;
   }
   r->reported_total = 1;
@@ -304,7 +304,7 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
       double loss, acc;
       if ((rc = evaluate(r, &loss, &acc)) != ZN_OK) return rc;
       if (r->rank == 0) report_eval(r, t + 1, loss, acc);
-      r->last_report = zn_mono_sec();  /* images/s measures training, not evaluation */
+      r->last_report = zn_mono_sec(); /* images/s measures training, not evaluation */
       r->images_since_report = 0;
     }
   }
@@ -330,8 +330,10 @@ static void finish(run* r, int rc, double test_loss, double test_accuracy) {
     int asked_here = atomic_load(&t->stop) != 0;
     req.has_cancelled = 1;
     req.cancelled = by_coordinator || !asked_here;
-    if (!asked_here) snprintf(r->error, sizeof r->error, "stopped because another rank stopped");
-    else snprintf(r->error, sizeof r->error, "%s", t->stop_reason);
+    if (!asked_here)
+      snprintf(r->error, sizeof r->error, "stopped because another rank stopped");
+    else
+      snprintf(r->error, sizeof r->error, "%s", t->stop_reason);
   }
   req.error = r->error;
   req.has_collective_failed = 1;
@@ -388,10 +390,11 @@ static void* trainer_main(void* arg) {
   if (rc == ZN_OK) rc = plan_steps(&r);
   if (rc == ZN_OK) rc = build_model(&r);
   if (rc == ZN_OK) {
-    ZN_INFO("job started: rank %d of %d, model %s (%zu parameters), %lld steps of batch %d "
-            "(%d per rank), %d thread(s)",
-            r.rank, r.world, r.spec->model, zn_model_num_params(r.model),
-            (long long)r.total_steps, r.spec->batch_size, r.local_batch, threads_for(t));
+    ZN_INFO(
+        "job started: rank %d of %d, model %s (%zu parameters), %lld steps of batch %d "
+        "(%d per rank), %d thread(s)",
+        r.rank, r.world, r.spec->model, zn_model_num_params(r.model), (long long)r.total_steps,
+        r.spec->batch_size, r.local_batch, threads_for(t));
     rc = join_peers(&r);
   }
   if (rc == ZN_OK) rc = run_loop(&r, &test_loss, &test_accuracy);

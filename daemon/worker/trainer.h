@@ -15,7 +15,7 @@
 typedef struct trainer trainer;
 
 typedef struct {
-  zn_rpc_channel* channel;   /* to the coordinator; thread-safe */
+  zn_rpc_channel* channel; /* to the coordinator; thread-safe */
   const char* worker_id;
   const char* worker_name;
   const char* host;          /* address the collectives listen on */

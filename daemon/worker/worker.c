@@ -34,8 +34,8 @@ typedef struct {
   char worker_id[64];
   int heartbeat_ms;
   int registered;
-  int call_in_flight;       /* one register or heartbeat at a time */
-  int coordinator_down;     /* for logging the change once, not every beat */
+  int call_in_flight;   /* one register or heartbeat at a time */
+  int coordinator_down; /* for logging the change once, not every beat */
   int must_reregister;
   int shutting_down;
   trainer* trainer;
@@ -86,8 +86,10 @@ static void do_heartbeat(control_call* c) {
 
 static void work_cb(uv_work_t* req) {
   control_call* c = req->data;
-  if (c->is_register) do_register(c);
-  else do_heartbeat(c);
+  if (c->is_register)
+    do_register(c);
+  else
+    do_heartbeat(c);
 }
 
 /* ---------------------------------------------------------------- loop side */
@@ -109,8 +111,8 @@ static void on_trainer_finished(void* ud) {
 }
 
 static void start_trainer(worker* w, const Zenith__V1__Assignment* asg) {
-  trainer_env env = {w->channel, w->worker_id, w->cfg.name, w->cfg.host, w->cfg.threads,
-                     on_trainer_finished, w};
+  trainer_env env = {
+      w->channel, w->worker_id, w->cfg.name, w->cfg.host, w->cfg.threads, on_trainer_finished, w};
   ZN_INFO("assigned job %s as rank %d of %d", asg->job_id, asg->rank, asg->world_size);
   w->trainer = trainer_start(asg, &env);
   if (!w->trainer) ZN_ERROR("could not start a trainer thread for job %s", asg->job_id);
@@ -126,8 +128,8 @@ static void after_register(worker* w, control_call* c) {
   w->heartbeat_ms = resp->heartbeat_ms > 0 ? resp->heartbeat_ms : 500;
   w->registered = 1;
   w->must_reregister = 0;
-  ZN_INFO("registered with %s as %s (%s); heartbeat every %d ms", w->cfg.coordinator,
-          w->worker_id, w->cfg.name, w->heartbeat_ms);
+  ZN_INFO("registered with %s as %s (%s); heartbeat every %d ms", w->cfg.coordinator, w->worker_id,
+          w->cfg.name, w->heartbeat_ms);
   uv_timer_start(&w->heartbeat_timer, on_heartbeat_timer, 0, (uint64_t)w->heartbeat_ms);
 }
 
@@ -139,8 +141,10 @@ static void after_heartbeat(worker* w, control_call* c) {
     w->registered = 0;
     w->must_reregister = 1;
     uv_timer_stop(&w->heartbeat_timer);
-    if (w->trainer) trainer_request_stop(w->trainer, 1, "the coordinator restarted");
-    else start_register(w);
+    if (w->trainer)
+      trainer_request_stop(w->trainer, 1, "the coordinator restarted");
+    else
+      start_register(w);
     return;
   }
   if (resp->cancel && w->trainer)
@@ -158,8 +162,10 @@ static void after_work_cb(uv_work_t* req, int status) {
   w->call_in_flight = 0;
   note_coordinator(w, c->rc, &c->status);
   if (!w->shutting_down) {
-    if (c->is_register) after_register(w, c);
-    else after_heartbeat(w, c);
+    if (c->is_register)
+      after_register(w, c);
+    else
+      after_heartbeat(w, c);
   }
   if (c->response) protobuf_c_message_free_unpacked(c->response, NULL);
   free(c);
@@ -238,8 +244,8 @@ int zn_worker_run(const worker_config* cfg) {
   uv_async_init(w.loop, &w.trainer_done, on_trainer_done);
   w.trainer_done.data = &w;
 
-  ZN_INFO("starting as %s: coordinator %s, collectives on %s, %d compute thread(s)",
-          cfg->name, cfg->coordinator, cfg->host, cfg->threads);
+  ZN_INFO("starting as %s: coordinator %s, collectives on %s, %d compute thread(s)", cfg->name,
+          cfg->coordinator, cfg->host, cfg->threads);
   start_register(&w);
   uv_run(w.loop, UV_RUN_DEFAULT);
   uv_loop_close(w.loop);

@@ -4,10 +4,10 @@
 #define ZN_WORKER_H
 
 typedef struct {
-  const char* coordinator;  /* host:port */
-  const char* name;         /* unique among the cluster's workers */
-  const char* host;         /* address the collectives listen on */
-  int threads;              /* compute threads, unless a job spec sets them */
+  const char* coordinator; /* host:port */
+  const char* name;        /* unique among the cluster's workers */
+  const char* host;        /* address the collectives listen on */
+  int threads;             /* compute threads, unless a job spec sets them */
 } worker_config;
 
 /* Runs until SIGINT or SIGTERM; returns the process exit code. */

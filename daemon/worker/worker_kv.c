@@ -60,9 +60,9 @@ static int kv_wait(void* ctx, const char* const* keys, int nkeys, int timeout_ms
   req.timeout_ms = timeout_ms;
   ProtobufCMessage* resp;
   zn_rpc_status st;
-  int rc = zn_rpc_unary(ctx, "/zenith.v1.Workers/KvWait", &req.base,
-                        &zenith__v1__kv_wait_response__descriptor, timeout_ms + KV_CALL_MS, &resp,
-                        &st);
+  int rc =
+      zn_rpc_unary(ctx, "/zenith.v1.Workers/KvWait", &req.base,
+                   &zenith__v1__kv_wait_response__descriptor, timeout_ms + KV_CALL_MS, &resp, &st);
   if (rc != ZN_OK) {
     ZN_WARN("rendezvous: waiting for %d key(s) failed: %s %s", nkeys, zn_rpc_code_name(st.code),
             st.message);
