@@ -45,12 +45,13 @@ static const char* submit_help =
     "  --data-dir DIR        folder of IDX files (default /usr/share/datasets/fashion-mnist)\n"
     "  --workers N           worker daemons to train on (1)\n"
     "  --batch-size N        global batch, divisible by --workers (128)\n"
-    "  --epochs N            epochs to train\n"
+    "  --epochs N            epochs to train (give --epochs, --max-steps or both)\n"
     "  --max-steps N         stop after N optimizer steps\n"
     "  --seed N              initialisation and data order (0)\n"
-    "  --eval-every N        evaluate on the test set every N steps (only at the end)\n"
+    "  --eval-every N        also evaluate on the test set every N steps (default: at the end)\n"
     "  --threads N           compute threads per worker (the worker's own setting)\n"
-    "  --name TEXT           a label shown by list\n"
+    "  --name TEXT           a label for the job, shown by status\n"
+    "  --watch               follow the job after submitting it\n"
     "ZENITH optimizer:\n"
     "  --lr0 X               initial and largest learning rate (0.05)\n"
     "  --window N            gradient norms in the sliding window (100)\n"
@@ -59,8 +60,7 @@ static const char* submit_help =
     "  --weight-decay X      L2 coefficient added to the gradient (5e-4)\n"
     "  --decoupled-decay X   decay applied to the weights directly (0)\n"
     "  --lr-min X            floor on the learning rate (0)\n"
-    "  --spike-factor X      skip norms above X times the peak; 0 = off (0)\n"
-    "  --watch               follow the job after submitting it\n";
+    "  --spike-factor X      skip norms above X times the peak; 0 = off (0)\n";
 
 enum {
   S_MODEL = 1,
@@ -219,9 +219,13 @@ int ctl_submit(const ctl_args* a) {
   spec.optimizer = &params;
   int watch = 0, opt;
   optind = 1;
+  opterr = 0;
   while ((opt = getopt_long(a->argc, a->argv, "", submit_options, NULL)) != -1) {
     if (opt == '?') {
-      fputs(submit_help, stderr);
+      fprintf(stderr,
+              "zenithctl submit: unknown flag or missing value: '%s'; "
+              "`zenithctl submit --help` lists the flags\n",
+              a->argv[optind - 1]);
       return 2;
     }
     if (opt == S_HELP) {
@@ -238,6 +242,10 @@ int ctl_submit(const ctl_args* a) {
     return 2;
   }
 
+  if (!spec.model) {
+    fprintf(stderr, "zenithctl submit: --model is required (mlp or cnn)\n");
+    return 2;
+  }
   Zenith__V1__SubmitJobRequest req = ZENITH__V1__SUBMIT_JOB_REQUEST__INIT;
   req.spec = &spec;
   Zenith__V1__SubmitJobResponse* resp = (void*)ctl_call(
@@ -319,7 +327,7 @@ static json_t* job_json(const Zenith__V1__Job* j) {
 
 void ctl_print_job_json(const Zenith__V1__Job* job) {
   json_t* o = job_json(job);
-  json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+  json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
   fputc('\n', stdout);
   json_decref(o);
 }
@@ -347,11 +355,20 @@ static int wants_json(const ctl_args* a, const char** positional, int max_positi
   return json;
 }
 
-static void print_progress_cell(const Zenith__V1__Job* j) {
+/* One row of `zenithctl list`; every column left-aligned under its header. */
+static void print_list_row(const Zenith__V1__Job* j) {
+  char step[40], accuracy[16];
   if (j->total_steps > 0)
-    printf("%7lld/%-7lld", (long long)j->step, (long long)j->total_steps);
+    snprintf(step, sizeof step, "%lld/%lld", (long long)j->step, (long long)j->total_steps);
   else
-    printf("%7lld/%-7s", (long long)j->step, "?");
+    snprintf(step, sizeof step, "%lld/?", (long long)j->step);
+  if (j->has_test_result)
+    snprintf(accuracy, sizeof accuracy, "%.2f%%", 100 * j->test_accuracy);
+  else
+    snprintf(accuracy, sizeof accuracy, "-");
+  const char* note = j->error && j->error[0] ? j->error : (j->reason ? j->reason : "");
+  printf("%-8s %-10s %-6s %-15s %-9s %s\n", j->id, ctl_state_name(j->state),
+         j->spec ? j->spec->model : "", step, accuracy, note);
 }
 
 int ctl_list(const ctl_args* a) {
@@ -365,21 +382,12 @@ int ctl_list(const ctl_args* a) {
   if (json) {
     json_t* arr = json_array();
     for (size_t i = 0; i < resp->n_jobs; i++) json_array_append_new(arr, job_json(resp->jobs[i]));
-    json_dumpf(arr, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_dumpf(arr, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
     fputc('\n', stdout);
     json_decref(arr);
   } else {
     printf("%-8s %-10s %-6s %-15s %-9s %s\n", "ID", "STATE", "MODEL", "STEP", "TEST ACC", "NOTE");
-    for (size_t i = 0; i < resp->n_jobs; i++) {
-      const Zenith__V1__Job* j = resp->jobs[i];
-      printf("%-8s %-10s %-6s ", j->id, ctl_state_name(j->state), j->spec ? j->spec->model : "");
-      print_progress_cell(j);
-      if (j->has_test_result)
-        printf(" %7.2f%%  ", 100 * j->test_accuracy);
-      else
-        printf(" %-9s ", "-");
-      printf("%s\n", j->error && j->error[0] ? j->error : (j->reason ? j->reason : ""));
-    }
+    for (size_t i = 0; i < resp->n_jobs; i++) print_list_row(resp->jobs[i]);
   }
   protobuf_c_message_free_unpacked(&resp->base, NULL);
   return 0;
@@ -392,8 +400,13 @@ static void print_job_text(const Zenith__V1__Job* j) {
   if (j->spec)
     printf("model:         %s on %s, %d worker(s), batch %d\n", j->spec->model, j->spec->dataset,
            j->spec->workers, j->spec->batch_size);
-  printf("step:          %lld of %lld (epoch %d)\n", (long long)j->step, (long long)j->total_steps,
-         j->epoch);
+  if (j->spec && j->spec->name && j->spec->name[0]) printf("name:          %s\n", j->spec->name);
+  if (j->total_steps > 0)
+    printf("step:          %lld of %lld (epoch %d)\n", (long long)j->step,
+           (long long)j->total_steps, j->epoch);
+  else
+    printf("step:          %lld (total known once a worker has loaded the data)\n",
+           (long long)j->step);
   if (j->last)
     printf("last step:     loss %.4f, lr %.6f, grad norm %.4f, window mean %.4f, peak %.4f\n",
            j->last->loss, j->last->lr, j->last->grad_norm, j->last->window_mean, j->last->peak);

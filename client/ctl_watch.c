@@ -24,6 +24,7 @@ typedef struct {
   int64_t last_printed_step;
   char id[64];
   char reason[256];
+  int jobs_seen;
   double started;
 } view;
 
@@ -115,8 +116,10 @@ static int is_final(int state) {
 static int show_item(view* v, const Zenith__V1__WatchJobResponse* item) {
   switch (item->item_case) {
     case ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_JOB:
+      /* The first job message is the state at connection time; the history of
+       * an ended job follows it, so only a later one can end the watch. */
       take_job(v, item->job);
-      if (is_final(item->job->state)) return show_end(v, item->job);
+      if (v->jobs_seen++ > 0 && is_final(item->job->state)) return show_end(v, item->job);
       break;
     case ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_METRICS:
       show_metrics(v, item->metrics);

@@ -186,7 +186,7 @@ static void end_job(coordinator* co, active_job* a, int state, const char* error
   job->has_finished_unix_ms = 1;
   job->finished_unix_ms = zn_unix_ms();
   if (error) set_string(&job->error, error);
-  set_string(&job->reason, "");
+  set_string(&job->reason, state == ZENITH__V1__JOB_STATE__CANCELLED ? "cancelled by a user" : "");
   save_job(co, job);
 
   const char* kind = state == ZENITH__V1__JOB_STATE__SUCCEEDED ? "succeeded"
@@ -208,6 +208,8 @@ static void end_job(coordinator* co, active_job* a, int state, const char* error
 }
 
 /* ---------------------------------------------------------------- Zenith service */
+
+static void schedule(coordinator* co);
 
 static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
   coordinator* co = ud;
@@ -248,6 +250,7 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
           a->job->spec->model, a->job->spec->workers, a->job->spec->batch_size,
           a->job->spec->epochs, (long long)a->job->spec->max_steps);
 
+  schedule(co); /* start it now if workers are idle, rather than at the next tick */
   Zenith__V1__SubmitJobResponse resp = ZENITH__V1__SUBMIT_JOB_RESPONSE__INIT;
   resp.job = a->job;
   zn_rpc_reply(call, &resp.base);
@@ -309,7 +312,7 @@ static void handle_cancel(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     int owned;
     Job* job = load_job(co, id, &owned);
     if (!job) {
-      zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'", id);
+      zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'; `zenithctl list` shows them", id);
       return;
     }
     zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "job %s has already ended (%s)", id,
@@ -353,7 +356,8 @@ static void handle_watch(void* ud, zn_rpc_call* call, const ProtobufCMessage* ms
   int owned;
   Job* job = load_job(co, req->id ? req->id : "", &owned);
   if (!job) {
-    zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'", req->id ? req->id : "");
+    zn_rpc_fail(call, ZN_RPC_NOT_FOUND, "no job with id '%s'; `zenithctl list` shows them",
+                req->id ? req->id : "");
     return;
   }
   Zenith__V1__WatchJobResponse first = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;

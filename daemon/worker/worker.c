@@ -250,6 +250,6 @@ int zn_worker_run(const worker_config* cfg) {
   uv_run(w.loop, UV_RUN_DEFAULT);
   uv_loop_close(w.loop);
   zn_rpc_channel_close(w.channel);
-  ZN_INFO("worker %s stopped", cfg->name);
+  ZN_INFO("stopped");
   return 0;
 }
