@@ -147,7 +147,12 @@ int main(int argc, char** argv) {
     fprintf(stderr, "zenithd: unexpected argument '%s'\n%s", argv[optind], usage_text);
     return 2;
   }
-  if (is_coordinator && cc.worker_timeout_ms <= 2 * cc.heartbeat_ms) {
+  size_t name_len = strlen(wc.name);
+  if (!is_coordinator && (name_len == 0 || name_len > 127)) {
+    fprintf(stderr, "zenithd: --name must be 1 to 127 characters (got %zu)\n", name_len);
+    return 2;
+  }
+  if (is_coordinator && (long long)cc.worker_timeout_ms <= 2LL * cc.heartbeat_ms) {
     fprintf(stderr,
             "zenithd: --worker-timeout-ms (%d) must be more than twice --heartbeat-ms (%d)\n",
             cc.worker_timeout_ms, cc.heartbeat_ms);

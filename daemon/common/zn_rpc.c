@@ -14,6 +14,7 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -119,6 +120,7 @@ struct zn_rpc_call {
   grpc_call* call;
   gpr_timespec deadline;
   grpc_metadata_array request_metadata;
+  grpc_call_details details; /* method name; filled for calls to unknown methods only */
   grpc_byte_buffer* request_payload;
   ProtobufCMessage* request;
   call_tag tag_new, tag_close, tag_write, tag_status;
@@ -153,6 +155,7 @@ struct zn_rpc_server {
   zn_rpc_tick_fn tick;
   void* tick_ud;
   int tick_ms;
+  method unknown; /* stands for every method nobody registered */
 };
 
 static void request_call(zn_rpc_server* s, method* m);
@@ -216,6 +219,8 @@ int zn_rpc_server_start(zn_rpc_server* s) {
   grpc_server_start(s->server);
   s->started = 1;
   for (method* m = s->methods; m; m = m->next) request_call(s, m);
+  s->unknown.path = "(unknown method)";
+  request_call(s, &s->unknown);
   return ZN_OK;
 }
 
@@ -236,12 +241,17 @@ static void request_call(zn_rpc_server* s, method* m) {
   c->tag_write = (call_tag){TAG_WRITE, c};
   c->tag_status = (call_tag){TAG_STATUS, c};
   grpc_metadata_array_init(&c->request_metadata);
-  grpc_call_error e = grpc_server_request_registered_call(
-      s->server, m->registered, &c->call, &c->deadline, &c->request_metadata, &c->request_payload,
-      s->cq, s->cq, &c->tag_new);
+  grpc_call_details_init(&c->details);
+  grpc_call_error e =
+      m->registered ? grpc_server_request_registered_call(
+                          s->server, m->registered, &c->call, &c->deadline, &c->request_metadata,
+                          &c->request_payload, s->cq, s->cq, &c->tag_new)
+                    : grpc_server_request_call(s->server, &c->call, &c->details,
+                                               &c->request_metadata, s->cq, s->cq, &c->tag_new);
   if (e != GRPC_CALL_OK) {
     ZN_ERROR("cannot wait for calls to %s: %s", m->path, grpc_call_error_to_string(e));
     grpc_metadata_array_destroy(&c->request_metadata);
+    grpc_call_details_destroy(&c->details);
     free(c);
   }
 }
@@ -258,6 +268,7 @@ static void call_free(zn_rpc_call* c) {
   }
   if (c->status_started) grpc_slice_unref(c->status_details);
   grpc_metadata_array_destroy(&c->request_metadata);
+  grpc_call_details_destroy(&c->details);
   if (c->call) grpc_call_unref(c->call);
   free(c->finish_message);
   free(c->peer);
@@ -377,6 +388,7 @@ const char* zn_rpc_call_peer(zn_rpc_call* c) {
 static void on_new_call(zn_rpc_server* s, zn_rpc_call* c, int ok) {
   if (!ok) { /* the server is shutting down */
     grpc_metadata_array_destroy(&c->request_metadata);
+    grpc_call_details_destroy(&c->details);
     free(c);
     return;
   }
@@ -388,6 +400,12 @@ static void on_new_call(zn_rpc_server* s, zn_rpc_call* c, int ok) {
   close_op.data.recv_close_on_server.cancelled = &c->cancelled_flag;
   start_batch(c, &close_op, 1, &c->tag_close);
 
+  if (!c->method->registered) {
+    char* path = grpc_slice_to_c_string(c->details.method);
+    zn_rpc_fail(c, ZN_RPC_UNIMPLEMENTED, "unknown method %s", path);
+    gpr_free(path);
+    return;
+  }
   if (!c->request_payload) {
     zn_rpc_fail(c, ZN_RPC_INVALID_ARGUMENT, "%s: the request carried no message", c->method->path);
     return;

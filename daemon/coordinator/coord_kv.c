@@ -15,6 +15,11 @@
 #define MAX_KEY_BYTES 512
 #define MAX_VALUE_BYTES (64 << 10)
 #define MAX_WAIT_KEYS 1024
+#define DEFAULT_WAIT_MS 30000
+/* Bounds on the whole store: a few keys per rank of each running job fit
+ * easily, and a misbehaving client cannot grow the coordinator without end. */
+#define MAX_KEYS 100000
+#define MAX_TOTAL_BYTES ((size_t)64 << 20)
 
 typedef struct entry {
   char* key;
@@ -26,6 +31,7 @@ typedef struct entry {
 typedef struct waiter {
   zn_rpc_call* call;
   const Zenith__V1__KvWaitRequest* request;
+  int timeout_ms;
   int64_t deadline_ms;
   struct waiter* next;
 } waiter;
@@ -34,13 +40,16 @@ struct coord_kv {
   entry* entries;
   waiter* waiters;
   size_t count;
+  size_t bytes; /* of all values */
 };
 
 coord_kv* coord_kv_create(void) {
   return calloc(1, sizeof(coord_kv));
 }
 
-static void free_entry(entry* e) {
+static void free_entry(coord_kv* kv, entry* e) {
+  kv->bytes -= e->len;
+  kv->count--;
   free(e->key);
   free(e->value);
   free(e);
@@ -50,7 +59,7 @@ void coord_kv_destroy(coord_kv* kv) {
   if (!kv) return;
   for (entry* e = kv->entries; e;) {
     entry* next = e->next;
-    free_entry(e);
+    free_entry(kv, e);
     e = next;
   }
   for (waiter* w = kv->waiters; w;) {
@@ -118,6 +127,14 @@ static void handle_set(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg)
     return;
   }
   entry* e = find(kv, req->key);
+  size_t replaced = e ? e->len : 0;
+  if (kv->bytes - replaced + req->value.len > MAX_TOTAL_BYTES || (!e && kv->count >= MAX_KEYS)) {
+    zn_rpc_fail(call, ZN_RPC_RESOURCE_EXHAUSTED,
+                "KvSet: the rendezvous store is full (%zu keys, %zu bytes); keys of ended jobs "
+                "are dropped when the jobs end",
+                kv->count, kv->bytes);
+    return;
+  }
   if (!e) {
     e = calloc(1, sizeof *e);
     e->key = strdup(req->key);
@@ -125,10 +142,12 @@ static void handle_set(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg)
     kv->entries = e;
     kv->count++;
   }
+  kv->bytes -= e->len;
   free(e->value);
   e->value = malloc(req->value.len ? req->value.len : 1);
-  memcpy(e->value, req->value.data, req->value.len);
+  if (req->value.len) memcpy(e->value, req->value.data, req->value.len);
   e->len = req->value.len;
+  kv->bytes += e->len;
 
   Zenith__V1__KvSetResponse resp = ZENITH__V1__KV_SET_RESPONSE__INIT;
   zn_rpc_reply(call, &resp.base);
@@ -188,8 +207,8 @@ static void handle_wait(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg
   waiter* w = calloc(1, sizeof *w);
   w->call = call;
   w->request = req;
-  int timeout = req->timeout_ms > 0 ? req->timeout_ms : 30000;
-  w->deadline_ms = zn_unix_ms() + timeout;
+  w->timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : DEFAULT_WAIT_MS;
+  w->deadline_ms = zn_unix_ms() + w->timeout_ms;
   w->next = kv->waiters;
   kv->waiters = w;
   zn_rpc_call_on_close(call, on_waiter_gone, kv);
@@ -221,8 +240,7 @@ void coord_kv_drop_prefix(coord_kv* kv, const char* prefix) {
     entry* e = *p;
     if (strncmp(e->key, prefix, n) == 0) {
       *p = e->next;
-      free_entry(e);
-      kv->count--;
+      free_entry(kv, e);
     } else {
       p = &e->next;
     }

@@ -37,6 +37,10 @@ static int validate_optimizer(const Zenith__V1__ZenithParams* p, char* err, size
 
 int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errlen) {
   if (!spec) FAIL("spec: missing");
+  if (spec->name && strlen(spec->name) > ZN_MAX_NAME_BYTES)
+    FAIL("name: %zu bytes is over the limit of %d", strlen(spec->name), ZN_MAX_NAME_BYTES);
+  if (spec->data_dir && strlen(spec->data_dir) > ZN_MAX_PATH_BYTES)
+    FAIL("data_dir: %zu bytes is over the limit of %d", strlen(spec->data_dir), ZN_MAX_PATH_BYTES);
   if (!known_model(spec->model))
     FAIL("model: unknown model '%s'; choose mlp or cnn", spec->model ? spec->model : "");
   if (spec->dataset && spec->dataset[0] && strcmp(spec->dataset, "fashion-mnist") != 0)

@@ -11,6 +11,9 @@
 
 #define ZN_DEFAULT_DATA_DIR "/usr/share/datasets/fashion-mnist"
 #define ZN_MAX_WORKERS 256
+/* Text fields are bounded so that job lists stay small enough to send. */
+#define ZN_MAX_NAME_BYTES 256
+#define ZN_MAX_PATH_BYTES 4096
 
 /* 0 when valid; otherwise writes "field: what is wrong" into err. */
 int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errlen);

@@ -35,6 +35,7 @@ typedef struct worker {
   char job_id[64]; /* job it runs or was given; empty when idle */
   int rank;
   int assignment_pending; /* given a job, not yet told */
+  int pid;
   struct worker* next;
 } worker;
 
@@ -48,6 +49,7 @@ typedef struct active_job {
   Job* job;
   int attempt;
   int ranks_done;
+  uint8_t rank_done[ZN_MAX_WORKERS]; /* which ranks have reported their end */
   /* A rank's collective failed: the cause may be a peer that died, which the
    * liveness check names once its heartbeats are overdue. Until then the
    * failure is held, so the job's error names the lost worker, not the
@@ -365,7 +367,9 @@ static void handle_watch(void* ud, zn_rpc_call* call, const ProtobufCMessage* ms
   first.job = job;
   zn_rpc_stream_write(call, &first.base);
   replay_ctx ctx = {call};
-  zn_store_replay(co->store, job->id, replay_one, &ctx);
+  int replayed = zn_store_replay(co->store, job->id, replay_one, &ctx);
+  if (replayed != ZN_OK && replayed != ZN_ERR_CANCELLED)
+    ZN_ERROR("job %s: its history could not be replayed: %s", job->id, zn_store_errmsg(co->store));
 
   if (owned) { /* already final: the replay is the whole story */
     zn_rpc_stream_write(call, &first.base);
@@ -390,28 +394,23 @@ static void handle_register(void* ud, zn_rpc_call* call, const ProtobufCMessage*
     zn_rpc_fail(call, ZN_RPC_INVALID_ARGUMENT, "Register: name must be 1 to 127 characters");
     return;
   }
+  /* A name belongs to one live worker. A second process asking for it is
+   * refused until the holder's heartbeats stop (a restarted worker whose
+   * predecessor crashed gets in once the old registration times out). */
   for (worker* w = co->workers; w; w = w->next) {
     if (!w->lost && strcmp(w->name, req->name) == 0) {
-      /* The same worker back after a restart of its own, or a name clash:
-       * either way the newest process is the one that answers heartbeats. */
-      ZN_WARN("worker %s registered again; its previous registration %s is dropped", req->name,
-              w->id);
-      w->lost = 1;
-      if (w->job_id[0]) {
-        active_job* a = find_active(co, w->job_id);
-        if (a && a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
-          char why[256];
-          snprintf(why, sizeof why, "worker %s (rank %d) restarted while running the job", w->name,
-                   w->rank);
-          end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
-        }
-      }
+      zn_rpc_fail(call, ZN_RPC_ALREADY_EXISTS,
+                  "worker name '%s' is in use by a live worker (%s, pid %d); give this one "
+                  "another --name",
+                  req->name, w->id, w->pid);
+      return;
     }
   }
   worker* w = calloc(1, sizeof *w);
   snprintf(w->id, sizeof w->id, "w-%d", ++co->next_worker);
   snprintf(w->name, sizeof w->name, "%s", req->name);
   snprintf(w->host, sizeof w->host, "%s", req->host && req->host[0] ? req->host : "127.0.0.1");
+  w->pid = req->pid;
   w->last_seen_ms = w->registered_ms = zn_unix_ms();
   worker** tail = &co->workers;
   while (*tail) tail = &(*tail)->next;
@@ -451,7 +450,7 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
   }
   if (w->assignment_pending && a && !running[0]) {
     char prefix[96];
-    snprintf(prefix, sizeof prefix, "%s/%d/", a->job->id, a->attempt);
+    snprintf(prefix, sizeof prefix, "%s/%d", a->job->id, a->attempt);
     asg.job_id = a->job->id;
     asg.has_attempt = asg.has_rank = asg.has_world_size = 1;
     asg.attempt = a->attempt;
@@ -482,7 +481,14 @@ static active_job* job_of_worker(coordinator* co, zn_rpc_call* call, const char*
     return NULL;
   }
   w->last_seen_ms = zn_unix_ms();
-  return job_id ? find_active(co, job_id) : NULL;
+  active_job* a = job_id ? find_active(co, job_id) : NULL;
+  if (a && strcmp(w->job_id, job_id) != 0) {
+    zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "worker %s is not running job %s", w->name,
+                job_id);
+    *w_out = NULL;
+    return NULL;
+  }
+  return a;
 }
 
 static void apply_metrics(coordinator* co, active_job* a,
@@ -528,6 +534,12 @@ static void handle_report(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
   worker* w;
   active_job* a = job_of_worker(co, call, req->worker_id, req->job_id, &w);
   if (!w) return;
+  if (a && w->rank != 0) {
+    zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION,
+                "job %s takes metrics from rank 0; worker %s is rank %d", a->job->id, w->name,
+                w->rank);
+    return;
+  }
   Zenith__V1__ReportMetricsResponse resp = ZENITH__V1__REPORT_METRICS_RESPONSE__INIT;
   resp.has_cancel = 1;
   resp.cancel = !a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING;
@@ -569,7 +581,11 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     a->job->has_step = 1;
     a->job->step = req->steps;
   }
-  if (++a->ranks_done == a->job->spec->workers) {
+  if (!a->rank_done[rank]) {
+    a->rank_done[rank] = 1;
+    a->ranks_done++;
+  }
+  if (a->ranks_done == a->job->spec->workers) {
     if (req->cancelled && !req->ok)
       end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, "the workers stopped the job early");
     else
@@ -591,6 +607,7 @@ static void start_job(coordinator* co, active_job* a, worker** chosen) {
   int n = job->spec->workers;
   a->attempt++;
   a->ranks_done = 0;
+  memset(a->rank_done, 0, sizeof a->rank_done);
   for (size_t i = 0; i < job->n_workers; i++) free(job->workers[i]);
   free(job->workers);
   job->workers = calloc(n, sizeof(char*));
@@ -787,7 +804,7 @@ int zn_coordinator_run(const coord_config* cfg) {
     return 1;
   }
   if (add_methods(&co) != ZN_OK || load_active_jobs(&co) != ZN_OK) {
-    ZN_ERROR("the coordinator could not start its services");
+    ZN_ERROR("the coordinator could not start its services: %s", zn_store_errmsg(co.store));
     shutdown_coordinator(&co);
     return 1;
   }

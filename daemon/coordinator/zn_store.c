@@ -412,8 +412,11 @@ int zn_store_list_jobs(zn_store* s, Zenith__V1__Job*** jobs, size_t* n) {
       v = nv;
       cap = ncap;
     }
-    rc = unpack_job(s, st, 1, (const char*)sqlite3_column_text(st, 0), &v[count]);
-    if (rc != ZN_OK) goto done;
+    /* One damaged row must not hide every other job, nor stop a restart. */
+    if (unpack_job(s, st, 1, (const char*)sqlite3_column_text(st, 0), &v[count]) != ZN_OK) {
+      ZN_ERROR("%s; that job is left out of the list", zn_store_errmsg(s));
+      continue;
+    }
     count++;
   }
   if (step != SQLITE_DONE) rc = db_err(s, "list_jobs");
@@ -506,9 +509,11 @@ static int deliver(zn_store* s, sqlite3_stmt* st, const char* job_id, zn_history
   const ProtobufCMessageDescriptor* d = item_descriptor(kind);
   ProtobufCMessage* m =
       d ? protobuf_c_message_unpack(d, NULL, len, data ? data : (const uint8_t*)"") : NULL;
-  if (!m)
-    return set_err(s, ZN_ERR_STORE, "%s: replay %s: history row %" PRId64 " (kind %d) is damaged",
-                   s->path, job_id, seq, kind);
+  if (!m) { /* skip it: the rest of the history is still worth showing */
+    ZN_ERROR("%s: replay %s: history row %" PRId64 " (kind %d) is damaged and skipped", s->path,
+             job_id, seq, kind);
+    return ZN_OK;
+  }
 
   Zenith__V1__WatchJobResponse item = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
   item.item_case = (Zenith__V1__WatchJobResponse__ItemCase)kind;

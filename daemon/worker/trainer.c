@@ -45,6 +45,7 @@ typedef struct {
   zn_dataset train, test;
   zn_model* model;
   zn_comm* comm;
+  worker_kv_ctx kv_ctx; /* the rendezvous store's context, alive as long as comm */
   zn_zenith_params params;
   zn_zenith_state state;
   double* window;
@@ -168,10 +169,21 @@ static void record_step(run* r, zn_step_outcome outcome, double norm, double los
 
 /* ---------------------------------------------------------------- setup */
 
+/* The models take 28x28 images; any other size is refused before it is read past. */
+static int check_image_size(run* r, const zn_dataset* ds, const char* file) {
+  if (ds->rows == 28 && ds->cols == 28) return ZN_OK;
+  snprintf(r->error, sizeof r->error, "%s/%s: images are %dx%d, but the models take 28x28",
+           r->spec->data_dir, file, ds->rows, ds->cols);
+  return ZN_ERR_INVALID;
+}
+
 static int load_data(run* r) {
   const char* dir = r->spec->data_dir;
   if (zn_dataset_load(dir, 1, &r->train, r->error, sizeof r->error) != ZN_OK) return ZN_ERR_IO;
   if (zn_dataset_load(dir, 0, &r->test, r->error, sizeof r->error) != ZN_OK) return ZN_ERR_IO;
+  if (check_image_size(r, &r->train, "train-images-idx3-ubyte") != ZN_OK ||
+      check_image_size(r, &r->test, "t10k-images-idx3-ubyte") != ZN_OK)
+    return ZN_ERR_INVALID;
   if (r->train.count < r->spec->batch_size) {
     snprintf(r->error, sizeof r->error, "%s has %d training images, fewer than one batch of %d",
              dir, r->train.count, r->spec->batch_size);
@@ -213,10 +225,12 @@ static int build_model(run* r) {
 }
 
 static int join_peers(run* r) {
-  zn_kv kv = worker_kv(r->t->env.channel);
+  r->kv_ctx = (worker_kv_ctx){r->t->env.channel, &r->t->stop};
+  zn_kv kv = worker_kv(&r->kv_ctx);
   zn_comm_config cfg = {r->rank, r->world, r->t->env.host, r->t->asg->kv_prefix, COMM_TIMEOUT_MS};
   char err[512];
   if (zn_comm_create_gloo(&cfg, &kv, &r->comm, err, sizeof err) != ZN_OK) {
+    if (atomic_load(&r->t->stop)) return ZN_ERR_CANCELLED; /* stopped while waiting for peers */
     snprintf(r->error, sizeof r->error, "could not connect to the job's other workers: %s", err);
     return ZN_ERR_COMM;
   }

@@ -36,8 +36,10 @@ typedef struct {
   int registered;
   int call_in_flight;   /* one register or heartbeat at a time */
   int coordinator_down; /* for logging the change once, not every beat */
+  int name_refused;     /* likewise for a name that a live worker holds */
   int must_reregister;
   int shutting_down;
+  int exit_code;
   trainer* trainer;
 } worker;
 
@@ -94,8 +96,12 @@ static void work_cb(uv_work_t* req) {
 
 /* ---------------------------------------------------------------- loop side */
 
+static int is_unreachable(const zn_rpc_status* st) {
+  return st->code == ZN_RPC_UNAVAILABLE || st->code == ZN_RPC_DEADLINE_EXCEEDED;
+}
+
 static void note_coordinator(worker* w, int rc, const zn_rpc_status* st) {
-  if (rc != ZN_OK && !w->coordinator_down) {
+  if (rc != ZN_OK && is_unreachable(st) && !w->coordinator_down) {
     ZN_WARN("coordinator %s unreachable: %s %s", w->cfg.coordinator, zn_rpc_code_name(st->code),
             st->message);
     w->coordinator_down = 1;
@@ -118,11 +124,29 @@ static void start_trainer(worker* w, const Zenith__V1__Assignment* asg) {
   if (!w->trainer) ZN_ERROR("could not start a trainer thread for job %s", asg->job_id);
 }
 
-static void after_register(worker* w, control_call* c) {
-  if (c->rc != ZN_OK) {
-    uv_timer_start(&w->register_timer, on_register_timer, REGISTER_RETRY_MS, 0);
+/* A refused registration: a bad name ends the daemon; a name held by a live
+ * worker is retried, since that worker may be this one's crashed predecessor
+ * whose heartbeats are about to time out. */
+static void register_refused(worker* w, const zn_rpc_status* st) {
+  if (st->code == ZN_RPC_INVALID_ARGUMENT) {
+    ZN_ERROR("the coordinator refused this worker: %s", st->message);
+    w->shutting_down = 1;
+    w->exit_code = 1;
     return;
   }
+  if (st->code == ZN_RPC_ALREADY_EXISTS && !w->name_refused) {
+    ZN_ERROR("%s; retrying every %d ms", st->message, REGISTER_RETRY_MS);
+    w->name_refused = 1;
+  }
+  uv_timer_start(&w->register_timer, on_register_timer, REGISTER_RETRY_MS, 0);
+}
+
+static void after_register(worker* w, control_call* c) {
+  if (c->rc != ZN_OK) {
+    register_refused(w, &c->status);
+    return;
+  }
+  w->name_refused = 0;
   Zenith__V1__RegisterResponse* resp = (void*)c->response;
   snprintf(w->worker_id, sizeof w->worker_id, "%s", resp->worker_id);
   w->heartbeat_ms = resp->heartbeat_ms > 0 ? resp->heartbeat_ms : 500;
@@ -137,12 +161,14 @@ static void after_heartbeat(worker* w, control_call* c) {
   if (c->rc != ZN_OK) return;
   Zenith__V1__HeartbeatResponse* resp = (void*)c->response;
   if (resp->reregister) {
-    ZN_WARN("the coordinator does not know this worker any more; registering again");
+    ZN_WARN(
+        "the coordinator no longer knows this worker (it restarted, or declared this "
+        "worker lost); registering again");
     w->registered = 0;
     w->must_reregister = 1;
     uv_timer_stop(&w->heartbeat_timer);
     if (w->trainer)
-      trainer_request_stop(w->trainer, 1, "the coordinator restarted");
+      trainer_request_stop(w->trainer, 1, "the coordinator no longer knows this worker");
     else
       start_register(w);
     return;
@@ -251,5 +277,5 @@ int zn_worker_run(const worker_config* cfg) {
   uv_loop_close(w.loop);
   zn_rpc_channel_close(w.channel);
   ZN_INFO("stopped");
-  return 0;
+  return w.exit_code;
 }

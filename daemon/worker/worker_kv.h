@@ -6,7 +6,14 @@
 #include "zn_comm.h"
 #include "zn_rpc.h"
 
-/* The returned zn_kv's ctx is the channel; it needs no cleanup of its own. */
-zn_kv worker_kv(zn_rpc_channel* channel);
+#include <stdatomic.h>
+
+typedef struct {
+  zn_rpc_channel* channel;
+  atomic_int* stop; /* non-zero: give up waiting (the job is being stopped) */
+} worker_kv_ctx;
+
+/* The returned zn_kv points at ctx, which must outlive it. */
+zn_kv worker_kv(worker_kv_ctx* ctx);
 
 #endif

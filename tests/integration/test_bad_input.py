@@ -12,6 +12,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpc  # noqa: E402
@@ -137,6 +138,17 @@ class BadInput(harness.ClusterTestCase):
                 self.assertIn(flag, out.stderr)
                 self.assertEqual(out.stdout, "")
 
+    def test_submit_of_overlong_name_or_data_dir_is_invalid_argument_naming_the_field(self):
+        pb2, _ = stubs()
+        for field, value in (("name", "n" * 257), ("data_dir", "/" + "d" * 4096)):
+            with self.subTest(field):
+                req = pb2.SubmitJobRequest(spec=self.c.spec(model="mlp", max_steps=10,
+                                                            **{field: value}))
+                err = self.assert_rpc_error(lambda: self.c.stub.SubmitJob(req, timeout=10),
+                                            grpc.StatusCode.INVALID_ARGUMENT)
+                # The field must stand as a word: "name" inside "filename" does not name it.
+                self.assertRegex(err.details() or "", r"(?<![A-Za-z_])%s(?![A-Za-z_])" % field)
+
     def test_invalid_submissions_leave_no_job_behind(self):
         pb2, _ = stubs()
         jobs = self.c.stub.ListJobs(pb2.ListJobsRequest(), timeout=10).jobs
@@ -179,6 +191,17 @@ class BadInput(harness.ClusterTestCase):
             with self.subTest(garbage.hex()):
                 self.assert_rpc_error(lambda: raw(garbage, timeout=10),
                                       grpc.StatusCode.INVALID_ARGUMENT, "SubmitJob")
+
+    def test_call_of_unregistered_method_is_unimplemented_at_once(self):
+        for path in ("/grpc.health.v1.Health/Check", "/zenith.v1.Zenith/Nope"):
+            with self.subTest(path):
+                raw = self.c.channel.unary_unary(path, request_serializer=lambda b: b,
+                                                 response_deserializer=lambda b: b)
+                started = time.monotonic()
+                self.assert_rpc_error(lambda: raw(b"", timeout=harness.scaled(5)),
+                                      grpc.StatusCode.UNIMPLEMENTED)
+                took = time.monotonic() - started
+                self.assertLess(took, harness.scaled(1), "seconds until the call was answered")
 
     def test_oversized_request_is_resource_exhausted(self):
         pb2, _ = stubs()
