@@ -11,6 +11,7 @@ tests start no cluster: zenithd must refuse the flags before it does anything.
 import gzip
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -126,11 +127,12 @@ class WrongImageSize(harness.ClusterTestCase):
 
     def test_images_not_28x28_fail_the_job_naming_the_file_and_both_sizes(self):
         # The training images are wrong in plain files, the test images in gzipped ones, so the
-        # check must cover both files and both ways of storing them.
+        # check must cover both files and both ways of storing them. A gzipped file may be named
+        # with or without its ".gz".
         cases = [("train images, plain", dict(train_side=56, test_side=28, gzipped=False),
                   "train-images-idx3-ubyte"),
                  ("test images, gzipped", dict(train_side=28, test_side=56, gzipped=True),
-                  "t10k-images-idx3-ubyte.gz")]
+                  "t10k-images-idx3-ubyte")]
         for i, (what, sides, bad_file) in enumerate(cases):
             with self.subTest(what):
                 d = write_idx_dir(os.path.join(self.tmp, "case%d" % i), **sides)
@@ -237,9 +239,13 @@ class Intruders(harness.ClusterTestCase):
 class CancelDuringRendezvous(harness.ClusterTestCase):
 
     def test_cancel_while_a_rendezvous_waits_frees_the_live_workers_within_5s(self):
-        # A long worker timeout keeps the stopped worker registered: the job can only end by
-        # the cancel, and the two live workers can only be freed by it.
-        c = self.new_cluster(heartbeat_ms=200, worker_timeout_ms=30000)
+        # The stopped worker stays registered until its heartbeats have been missing for the
+        # worker timeout, which is long enough for the cancel to come first: the job ends by
+        # the cancel, not by a lost worker. Until the coordinator gives the stopped worker up
+        # it counts as idle once the job is cancelled and may be chosen for the next job, so
+        # that job is submitted only after it is lost.
+        timeout_ms = int(4000 * harness.TIME_SCALE)
+        c = self.new_cluster(heartbeat_ms=200, worker_timeout_ms=timeout_ms)
         c.start_coordinator()
         for name in ("w0", "w1", "w2"):
             c.add_worker(name)
@@ -248,21 +254,33 @@ class CancelDuringRendezvous(harness.ClusterTestCase):
         self.addCleanup(stopped.send, signal.SIGCONT)
 
         job = c.submit(model="mlp", workers=3, batch_size=96, max_steps=10, name="never meets")
-        c.wait_state(job.id, "RUNNING", timeout=10)
-        for name in ("w0", "w1"):
-            harness.wait_until(lambda: "assigned job %s " % job.id in c.workers[name].log_text(),
-                               10, "worker %s to receive job %s" % (name, job.id))
-        time.sleep(harness.scaled(0.5))  # both are now waiting on w2's rendezvous keys
+        c.wait_state(job.id, "RUNNING", timeout=5)
+        live = [c.workers[name] for name in ("w0", "w1")]
+        for w in live:
+            # Logged when the data is loaded, just before the worker waits for its peers' keys.
+            harness.wait_until(lambda: "job started: rank" in w.log_text(), 10,
+                               "%s to start job %s and wait for its peers" % (w.name, job.id))
+        time.sleep(0.2)
 
         pb2, _ = stubs()
-        cancelled_at = time.monotonic()
         cancelled = c.stub.CancelJob(pb2.CancelJobRequest(id=job.id), timeout=harness.scaled(10))
+        cancelled_at = time.monotonic()
         self.assertEqual(state_name(cancelled.state), "CANCELLED")
+        for w in live:
+            harness.wait_until(lambda: "job stopped at step 0" in w.log_text(), 5,
+                               "%s to give up the rendezvous of the cancelled job" % w.name)
+        sys.stderr.write("live workers stopped %.2f s after the cancel\n"
+                         % (time.monotonic() - cancelled_at))
+
+        lost = re.compile(r"worker w2 \(w-\d+\) lost: no heartbeat")
+        harness.wait_until(lambda: lost.search(c.coordinator.log_text()),
+                           timeout_ms / 1000.0 + 5, "the coordinator to give the stopped w2 up")
         nxt = c.submit(model="mlp", workers=2, max_steps=10, name="after")
+        submitted_at = time.monotonic()
         harness.wait_until(lambda: c.get(nxt.id).step >= 1, 5,
                            "the next 2-worker job %s to take a step" % nxt.id, interval=0.05)
-        sys.stderr.write("next job took its first step %.2f s after the cancel\n"
-                         % (time.monotonic() - cancelled_at))
+        sys.stderr.write("next job took its first step %.2f s after its submit\n"
+                         % (time.monotonic() - submitted_at))
         final = c.wait_final(nxt.id, timeout=30)
         self.assertEqual(state_name(final.state), "SUCCEEDED", final.error)
         self.assertEqual(sorted(final.workers), ["w0", "w1"])
