@@ -595,10 +595,14 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
 
 /* ---------------------------------------------------------------- scheduler */
 
+/* Idle workers that answered recently: one that has missed a few heartbeats
+ * (stopped, or cut off) is not given a job while it may be about to be lost. */
 static int idle_workers(coordinator* co, worker** out, int want) {
+  int64_t window = 3 * (int64_t)co->cfg.heartbeat_ms;
+  int64_t fresh_after = zn_unix_ms() - (window > 1000 ? window : 1000);
   int n = 0;
   for (worker* w = co->workers; w && n < want; w = w->next)
-    if (!w->lost && !w->job_id[0]) out[n++] = w;
+    if (!w->lost && !w->job_id[0] && w->last_seen_ms >= fresh_after) out[n++] = w;
   return n;
 }
 
