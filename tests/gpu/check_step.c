@@ -18,14 +18,13 @@
 
 static int failures;
 
-#define CHECK_CUDA(expr)                                                             \
-  do {                                                                               \
-    cudaError_t e_ = (expr);                                                         \
-    if (e_ != cudaSuccess) {                                                         \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                  \
-              cudaGetErrorString(e_));                                               \
-      exit(1);                                                                       \
-    }                                                                                \
+#define CHECK_CUDA(expr)                                                                     \
+  do {                                                                                       \
+    cudaError_t e_ = (expr);                                                                 \
+    if (e_ != cudaSuccess) {                                                                 \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      exit(1);                                                                               \
+    }                                                                                        \
   } while (0)
 
 static void expect_close(const char* what, double got, double want, double rel) {
@@ -143,8 +142,8 @@ static void against_cpu(size_t n, int nesterov, double decoupled) {
     max_w = fmax(max_w, fabs((double)hw[i]));
   }
   expect_close("weights (max error / max |w|)", 1.0 + max_err / max_w, 1.0, 1e-5);
-  printf("GPU vs CPU step, n=%zu nesterov=%d decoupled=%g: max weight error %.3g of %.3g: %s\n",
-         n, nesterov, decoupled, max_err, max_w, failures > before ? "FAILED" : "ok");
+  printf("GPU vs CPU step, n=%zu nesterov=%d decoupled=%g: max weight error %.3g of %.3g: %s\n", n,
+         nesterov, decoupled, max_err, max_w, failures > before ? "FAILED" : "ok");
   cudaFree(w);
   cudaFree(g);
   cudaFree(v);
