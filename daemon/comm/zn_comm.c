@@ -99,7 +99,8 @@ static int check_config(const zn_comm_config* cfg, const zn_kv* kv, char* err, s
   return ZN_OK;
 }
 
-int zn_comm_create_gloo(const zn_comm_config* cfg, const zn_kv* kv, zn_comm** out, char* err,
+int zn_comm_create_with(const zn_comm_config* cfg, const zn_kv* kv, const zn_comm_ops* ops,
+                        zn_comm_connect_fn connect, void* arg, zn_comm** out, char* err,
                         size_t errlen) {
   if (!out) {
     put_err(err, errlen, "no output pointer");
@@ -121,18 +122,28 @@ int zn_comm_create_gloo(const zn_comm_config* cfg, const zn_kv* kv, zn_comm** ou
     char detail[ERR_CAP] = "";
     pipe_guard g;
     guard_enter(&g);
-    rc = zn_comm_gloo_connect(cfg, kv, &comm->impl, detail, sizeof(detail));
+    rc = connect(cfg, kv, arg, &comm->impl, detail, sizeof(detail));
     guard_leave(&g);
     if (rc != ZN_OK) {
-      put_err(err, errlen, "gloo rendezvous of rank %d of %d under prefix '%s' on %s: %s",
+      put_err(err, errlen, "%s rendezvous of rank %d of %d under prefix '%s' on %s: %s", ops->name,
               cfg->rank, cfg->size, cfg->prefix, cfg->host, detail);
       free(comm);
       return rc;
     }
-    comm->ops = &zn_comm_gloo_ops;
+    comm->ops = ops;
   }
   *out = comm;
   return ZN_OK;
+}
+
+static int gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void* arg, void** impl,
+                        char* err, size_t errlen) {
+  return zn_comm_gloo_connect(cfg, kv, impl, err, errlen);
+}
+
+int zn_comm_create_gloo(const zn_comm_config* cfg, const zn_kv* kv, zn_comm** out, char* err,
+                        size_t errlen) {
+  return zn_comm_create_with(cfg, kv, &zn_comm_gloo_ops, gloo_connect, NULL, out, err, errlen);
 }
 
 /* Records a failure as "<what> (rank r of n, backend): <detail>". */

@@ -26,6 +26,17 @@ typedef struct {
   void (*destroy)(void* impl);
 } zn_comm_ops;
 
+/* Connects a backend to the peers named by cfg (size >= 2, already validated) and returns its
+ * state in *impl; arg is the backend's own (a device and stream, for NCCL). */
+typedef int (*zn_comm_connect_fn)(const zn_comm_config* cfg, const zn_kv* kv, void* arg,
+                                  void** impl, char* err, size_t errlen);
+
+/* The one constructor every backend goes through: validates cfg, handles the world of one, and
+ * names the backend, rank and prefix in a connect failure. */
+int zn_comm_create_with(const zn_comm_config* cfg, const zn_kv* kv, const zn_comm_ops* ops,
+                        zn_comm_connect_fn connect, void* arg, zn_comm** out, char* err,
+                        size_t errlen);
+
 /* Connects to the peers named by cfg (size >= 2, already validated) and returns the backend's
  * state in *impl. */
 int zn_comm_gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void** impl, char* err,
