@@ -86,7 +86,7 @@ static int stream_done(nccl_impl* x, char* err, size_t errlen) {
   return -1;
 }
 
-static int make_id(uint8_t id[ZN_NCCL_ID_BYTES], char* err, size_t errlen) {
+int zn_nccl_unique_id(uint8_t id[ZN_NCCL_ID_BYTES], char* err, size_t errlen) {
   ncclUniqueId unique;
   ncclResult_t r = ncclGetUniqueId(&unique);
   if (r != ncclSuccess) {
@@ -135,8 +135,8 @@ static int connect_nccl(const zn_comm_config* cfg, const zn_kv* kv, void* arg, v
     return ZN_ERR_COMM;
   }
   uint8_t id[ZN_NCCL_ID_BYTES];
-  int rc =
-      zn_nccl_exchange_id(kv, cfg->prefix, cfg->rank, cfg->timeout_ms, make_id, id, err, errlen);
+  int rc = zn_nccl_exchange_id(kv, cfg->prefix, cfg->rank, cfg->timeout_ms, zn_nccl_unique_id, id,
+                               err, errlen);
   if (rc == ZN_OK) rc = start_comm(x, cfg, id, err, errlen);
   if (rc != ZN_OK) {
     destroy(x);

@@ -14,12 +14,16 @@
 #include <stdatomic.h>
 
 #include "zn_comm.h"
+#include "zn_nccl_id.h"
 
 typedef struct {
   int device;       /* CUDA device index of this rank */
   void* stream;     /* cudaStream_t the collectives run on */
   atomic_int* stop; /* non-zero: abort what is in flight (may be NULL) */
 } zn_comm_nccl_options;
+
+/* ncclGetUniqueId as a zn_nccl_make_id; needs no GPU. */
+int zn_nccl_unique_id(uint8_t id[ZN_NCCL_ID_BYTES], char* err, size_t errlen);
 
 int zn_comm_create_nccl(const zn_comm_config* cfg, const zn_kv* kv,
                         const zn_comm_nccl_options* options, zn_comm** out, char* err,

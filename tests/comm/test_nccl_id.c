@@ -17,7 +17,7 @@
 #include <cmocka.h>
 
 #ifdef ZN_HAVE_NCCL
-#include <nccl.h>
+#include "zn_comm_nccl.h"
 #endif
 
 #include "worker_kv.h"
@@ -29,14 +29,7 @@ static char state_dir[] = "/tmp/zn-nccl-id-XXXXXX";
 
 static int make_id(uint8_t id[ZN_NCCL_ID_BYTES], char* err, size_t errlen) {
 #ifdef ZN_HAVE_NCCL
-  ncclUniqueId unique;
-  ncclResult_t r = ncclGetUniqueId(&unique);
-  if (r != ncclSuccess) {
-    snprintf(err, errlen, "ncclGetUniqueId: %s", ncclGetErrorString(r));
-    return ZN_ERR_COMM;
-  }
-  memcpy(id, unique.internal, ZN_NCCL_ID_BYTES);
-  return ZN_OK;
+  return zn_nccl_unique_id(id, err, errlen);
 #else
   FILE* f = fopen("/dev/urandom", "rb");
   size_t got = f ? fread(id, 1, ZN_NCCL_ID_BYTES, f) : 0;
