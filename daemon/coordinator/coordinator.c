@@ -441,6 +441,11 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
   Zenith__V1__Assignment asg = ZENITH__V1__ASSIGNMENT__INIT;
   active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
   const char* running = req->job_id ? req->job_id : "";
+  if (w->job_id[0] && !a && !running[0]) {
+    /* Its job ended and the worker is idle, though its FinishJob never came
+     * (a call lost on the way): the worker is free again. */
+    w->job_id[0] = '\0';
+  }
   if (a && !running[0] && !w->assignment_pending &&
       a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
     /* Idle, yet told of this job: the worker never started it. Say it again. */
