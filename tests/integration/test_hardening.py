@@ -318,5 +318,34 @@ class KvEdges(harness.ClusterTestCase):
         self.assertLess(took, harness.scaled(2), "seconds until KvWait's 300 ms deadline answered")
 
 
+class KvCapacity(harness.ClusterTestCase):
+    """The rendezvous store is bounded (64 MiB of values): past that, KvSet is
+    refused with RESOURCE_EXHAUSTED, and what was stored stays readable."""
+
+    def test_kv_store_refuses_values_past_its_capacity(self):
+        c = self.new_cluster()
+        c.start_coordinator()
+        pb2, _ = stubs()
+        kv = workers_stub(c)
+        value = b"x" * (64 << 10)
+        stored = 0
+        refused = None
+        for i in range(1100):  # 1024 values of 64 KiB fill 64 MiB
+            try:
+                kv.KvSet(pb2.KvSetRequest(key="fill/%d" % i, value=value),
+                         timeout=harness.scaled(10))
+                stored += 1
+            except grpc.RpcError as e:
+                refused = e
+                break
+        self.assertIsNotNone(refused, "no KvSet was refused after %d values of 64 KiB" % stored)
+        self.assertEqual(refused.code(), grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details())
+        self.assertIn("full", refused.details())
+        self.assertEqual(stored, 1024, "values stored before the refusal")
+        got = kv.KvGet(pb2.KvGetRequest(key="fill/0"), timeout=harness.scaled(10))
+        self.assertTrue(got.found)
+        self.assertEqual(len(got.value), len(value))
+
+
 if __name__ == "__main__":
     harness.main()
