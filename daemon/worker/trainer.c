@@ -80,11 +80,28 @@ static void params_from_spec(const Zenith__V1__JobSpec* spec, zn_zenith_params* 
 
 /* ---------------------------------------------------------------- reporting */
 
+/* Sends one ReportMetrics for this worker's job; *cancel gets the reply's word
+ * that the job is over. `what` names the report in a failure's warning. */
+static int post_report(run* r, Zenith__V1__ReportMetricsRequest* req, const char* what,
+                       int* cancel) {
+  req->worker_id = (char*)r->t->env.worker_id;
+  req->job_id = r->t->asg->job_id;
+  ProtobufCMessage* msg;
+  zn_rpc_status st;
+  int rc =
+      zn_rpc_unary(r->t->env.channel, "/zenith.v1.Workers/ReportMetrics", &req->base,
+                   &zenith__v1__report_metrics_response__descriptor, RPC_TIMEOUT_MS, &msg, &st);
+  if (rc != ZN_OK) {
+    ZN_WARN("%s report failed: %s %s", what, zn_rpc_code_name(st.code), st.message);
+    return rc;
+  }
+  *cancel = ((Zenith__V1__ReportMetricsResponse*)msg)->cancel;
+  protobuf_c_message_free_unpacked(msg, NULL);
+  return ZN_OK;
+}
+
 static int send_report(run* r) {
-  trainer* t = r->t;
   Zenith__V1__ReportMetricsRequest req = ZENITH__V1__REPORT_METRICS_REQUEST__INIT;
-  req.worker_id = (char*)t->env.worker_id;
-  req.job_id = t->asg->job_id;
   Zenith__V1__StepMetrics** ptrs = malloc((r->n_pending ? r->n_pending : 1) * sizeof *ptrs);
   for (size_t i = 0; i < r->n_pending; i++) ptrs[i] = &r->pending[i];
   req.n_metrics = r->n_pending;
@@ -93,22 +110,13 @@ static int send_report(run* r) {
     req.has_total_steps = 1;
     req.total_steps = r->total_steps;
   }
-  ProtobufCMessage* msg;
-  zn_rpc_status st;
-  int rc =
-      zn_rpc_unary(t->env.channel, "/zenith.v1.Workers/ReportMetrics", &req.base,
-                   &zenith__v1__report_metrics_response__descriptor, RPC_TIMEOUT_MS, &msg, &st);
+  int cancel = 0;
+  int rc = post_report(r, &req, "metrics", &cancel);
   free(ptrs);
-  if (rc != ZN_OK) {
-    ZN_WARN("metrics report of %zu step(s) failed: %s %s", r->n_pending, zn_rpc_code_name(st.code),
-            st.message);
-    return rc;
-  }
+  if (rc != ZN_OK) return rc;
   r->reported_total = 1;
   r->n_pending = 0;
-  Zenith__V1__ReportMetricsResponse* resp = (void*)msg;
-  if (resp->cancel) trainer_request_stop(t, 1, "the coordinator ended the job");
-  protobuf_c_message_free_unpacked(msg, NULL);
+  if (cancel) trainer_request_stop(r->t, 1, "the coordinator ended the job");
   return ZN_OK;
 }
 
@@ -121,16 +129,10 @@ static void report_eval(run* r, int64_t step, double loss, double accuracy) {
   ev.unix_ms = zn_unix_ms();
   Zenith__V1__EvalResult* evs[1] = {&ev};
   Zenith__V1__ReportMetricsRequest req = ZENITH__V1__REPORT_METRICS_REQUEST__INIT;
-  req.worker_id = (char*)r->t->env.worker_id;
-  req.job_id = r->t->asg->job_id;
   req.n_evals = 1;
   req.evals = evs;
-  ProtobufCMessage* msg;
-  zn_rpc_status st;
-  if (zn_rpc_unary(r->t->env.channel, "/zenith.v1.Workers/ReportMetrics", &req.base,
-                   &zenith__v1__report_metrics_response__descriptor, RPC_TIMEOUT_MS, &msg,
-                   &st) == ZN_OK)
-    protobuf_c_message_free_unpacked(msg, NULL);
+  int cancel_ignored; /* the next metrics report acts on it */
+  post_report(r, &req, "evaluation", &cancel_ignored);
 }
 
 static void record_step(run* r, zn_step_outcome outcome, double norm, double loss, int epoch) {

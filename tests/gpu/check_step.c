@@ -27,6 +27,16 @@ static int failures;
     }                                                                                        \
   } while (0)
 
+/* Three device buffers of n floats (weights, gradient, momentum), zeroed. */
+static void device_buffers(size_t n, float** w, float** g, float** v) {
+  size_t bytes = n * 4 > 16 ? n * 4 : 16; /* at least one float4 */
+  float** bufs[3] = {w, g, v};
+  for (int i = 0; i < 3; i++) {
+    CHECK_CUDA(cudaMalloc((void**)bufs[i], bytes));
+    CHECK_CUDA(cudaMemset(*bufs[i], 0, bytes));
+  }
+}
+
 static void expect_close(const char* what, double got, double want, double rel) {
   double err = fabs(got - want) / (fabs(want) > 1e-300 ? fabs(want) : 1.0);
   if (!(err <= rel)) {
@@ -54,11 +64,7 @@ static void worked_example(void) {
     return;
   }
   float *w, *g, *v;
-  CHECK_CUDA(cudaMalloc((void**)&w, 16));
-  CHECK_CUDA(cudaMalloc((void**)&g, 16));
-  CHECK_CUDA(cudaMalloc((void**)&v, 16));
-  CHECK_CUDA(cudaMemset(w, 0, 16));
-  CHECK_CUDA(cudaMemset(v, 0, 16));
+  device_buffers(1, &w, &g, &v);
   double window[3];
   zn_zenith_state st = {0};
   st.window = window;
@@ -108,11 +114,8 @@ static void against_cpu(size_t n, int nesterov, double decoupled) {
   for (size_t i = 0; i < n; i++) hw[i] = uniform(&seed);
 
   float *w, *g, *v;
-  CHECK_CUDA(cudaMalloc((void**)&w, n * 4));
-  CHECK_CUDA(cudaMalloc((void**)&g, n * 4));
-  CHECK_CUDA(cudaMalloc((void**)&v, n * 4));
+  device_buffers(n, &w, &g, &v);
   CHECK_CUDA(cudaMemcpy(w, hw, n * 4, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemset(v, 0, n * 4));
   zn_cuda_step* s;
   char err[256];
   if (zn_cuda_step_create(&p, n, &s, err, sizeof err) != 0) {
@@ -158,12 +161,7 @@ static void bandwidth(size_t n) {
   zn_zenith_params p;
   zn_zenith_params_default(&p);
   float *w, *g, *v;
-  CHECK_CUDA(cudaMalloc((void**)&w, n * 4));
-  CHECK_CUDA(cudaMalloc((void**)&g, n * 4));
-  CHECK_CUDA(cudaMalloc((void**)&v, n * 4));
-  CHECK_CUDA(cudaMemset(w, 0, n * 4));
-  CHECK_CUDA(cudaMemset(g, 0, n * 4));
-  CHECK_CUDA(cudaMemset(v, 0, n * 4));
+  device_buffers(n, &w, &g, &v);
   zn_cuda_step* s;
   char err[256];
   if (zn_cuda_step_create(&p, n, &s, err, sizeof err) != 0) {
