@@ -50,6 +50,9 @@ static const char* submit_help =
     "  --seed N              initialisation and data order (0)\n"
     "  --eval-every N        also evaluate on the test set every N steps (default: at the end)\n"
     "  --threads N           compute threads per worker (the worker's own setting)\n"
+    "  --device NAME         cpu or cuda: run on workers started with that device (cpu)\n"
+    "  --no-cuda-graph       cuda jobs: launch each step's kernels instead of replaying a CUDA\n"
+    "                        graph of the step (graphs are on by default)\n"
     "  --name TEXT           a label for the job, shown by status\n"
     "  --watch               follow the job after submitting it\n"
     "ZENITH optimizer:\n"
@@ -73,6 +76,8 @@ enum {
   S_SEED,
   S_EVAL,
   S_THREADS,
+  S_DEVICE,
+  S_NO_GRAPH,
   S_NAME,
   S_LR0,
   S_WINDOW,
@@ -96,6 +101,8 @@ static const struct option submit_options[] = {{"model", required_argument, 0, S
                                                {"seed", required_argument, 0, S_SEED},
                                                {"eval-every", required_argument, 0, S_EVAL},
                                                {"threads", required_argument, 0, S_THREADS},
+                                               {"device", required_argument, 0, S_DEVICE},
+                                               {"no-cuda-graph", no_argument, 0, S_NO_GRAPH},
                                                {"name", required_argument, 0, S_NAME},
                                                {"lr0", required_argument, 0, S_LR0},
                                                {"window", required_argument, 0, S_WINDOW},
@@ -171,6 +178,19 @@ static int parse_optimizer_flag(int opt, const char* arg, Zenith__V1__ZenithPara
   return -1;
 }
 
+/* A job asks for a kind of device; which GPU a worker uses is the worker's own --device. */
+static int parse_device(char* arg, char** out) {
+  if (strcmp(arg, "cpu") != 0 && strcmp(arg, "cuda") != 0) {
+    fprintf(stderr,
+            "zenithctl submit: --device expects cpu or cuda, got '%s' (a worker's own --device "
+            "cuda:N picks its GPU)\n",
+            arg);
+    return -1;
+  }
+  *out = arg;
+  return 0;
+}
+
 static int parse_spec_flag(int opt, char* arg, Zenith__V1__JobSpec* s) {
   long long v;
   switch (opt) {
@@ -185,6 +205,12 @@ static int parse_spec_flag(int opt, char* arg, Zenith__V1__JobSpec* s) {
       return 0;
     case S_NAME:
       s->name = arg;
+      return 0;
+    case S_DEVICE:
+      return parse_device(arg, &s->device);
+    case S_NO_GRAPH:
+      s->has_cuda_graph = 1;
+      s->cuda_graph = 0;
       return 0;
     case S_WORKERS:
       s->has_workers = 1;
@@ -275,6 +301,11 @@ static json_t* json_number(double v) {
   return isfinite(v) ? json_real(v) : json_null();
 }
 
+/* A spec's device; "cpu" when unset, as in jobs stored before specs had one. */
+static const char* spec_device(const Zenith__V1__JobSpec* s) {
+  return s->device && s->device[0] ? s->device : "cpu";
+}
+
 static json_t* spec_json(const Zenith__V1__JobSpec* s) {
   const Zenith__V1__ZenithParams* p = s->optimizer;
   json_t* opt = json_object();
@@ -288,11 +319,12 @@ static json_t* spec_json(const Zenith__V1__JobSpec* s) {
     json_object_set_new(opt, "lr_min", json_real(p->lr_min));
     json_object_set_new(opt, "spike_factor", json_real(p->spike_factor));
   }
-  return json_pack("{s:s, s:s, s:s, s:s, s:i, s:i, s:i, s:I, s:I, s:i, s:i, s:o}", "name",
+  return json_pack("{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:i, s:i, s:I, s:I, s:i, s:i, s:o}", "name",
                    s->name ? s->name : "", "model", s->model ? s->model : "", "dataset",
                    s->dataset ? s->dataset : "", "data_dir", s->data_dir ? s->data_dir : "",
-                   "workers", s->workers, "batch_size", s->batch_size, "epochs", s->epochs,
-                   "max_steps", (json_int_t)s->max_steps, "seed", (json_int_t)s->seed, "eval_every",
+                   "device", spec_device(s), "cuda_graph", s->cuda_graph, "workers", s->workers,
+                   "batch_size", s->batch_size, "epochs", s->epochs, "max_steps",
+                   (json_int_t)s->max_steps, "seed", (json_int_t)s->seed, "eval_every",
                    s->eval_every, "threads", s->threads, "optimizer", opt);
 }
 
@@ -367,8 +399,8 @@ static void print_list_row(const Zenith__V1__Job* j) {
   else
     snprintf(accuracy, sizeof accuracy, "-");
   const char* note = j->error && j->error[0] ? j->error : (j->reason ? j->reason : "");
-  printf("%-8s %-10s %-6s %-15s %-9s %s\n", j->id, ctl_state_name(j->state),
-         j->spec ? j->spec->model : "", step, accuracy, note);
+  printf("%-8s %-10s %-6s %-6s %-15s %-9s %s\n", j->id, ctl_state_name(j->state),
+         j->spec ? j->spec->model : "", j->spec ? spec_device(j->spec) : "", step, accuracy, note);
 }
 
 int ctl_list(const ctl_args* a) {
@@ -386,7 +418,8 @@ int ctl_list(const ctl_args* a) {
     fputc('\n', stdout);
     json_decref(arr);
   } else {
-    printf("%-8s %-10s %-6s %-15s %-9s %s\n", "ID", "STATE", "MODEL", "STEP", "TEST ACC", "NOTE");
+    printf("%-8s %-10s %-6s %-6s %-15s %-9s %s\n", "ID", "STATE", "MODEL", "DEVICE", "STEP",
+           "TEST ACC", "NOTE");
     for (size_t i = 0; i < resp->n_jobs; i++) print_list_row(resp->jobs[i]);
   }
   protobuf_c_message_free_unpacked(&resp->base, NULL);
@@ -400,6 +433,7 @@ static void print_job_text(const Zenith__V1__Job* j) {
   if (j->spec)
     printf("model:         %s on %s, %d worker(s), batch %d\n", j->spec->model, j->spec->dataset,
            j->spec->workers, j->spec->batch_size);
+  if (j->spec) printf("device:        %s\n", spec_device(j->spec));
   if (j->spec && j->spec->name && j->spec->name[0]) printf("name:          %s\n", j->spec->name);
   if (j->total_steps > 0)
     printf("step:          %lld of %lld (epoch %d)\n", (long long)j->step,

@@ -1,9 +1,10 @@
 /* zenithd: Zenith's daemon, in one of two roles.
  *
  *   zenithd coordinator [--listen ADDR] [--state DIR] ...
- *   zenithd worker [--coordinator ADDR] [--name NAME] [--threads N] ...
+ *   zenithd worker [--coordinator ADDR] [--name NAME] [--threads N] [--device cpu|cuda:N] ...
  *
  * This file only reads flags and hands a config to the role's run function. */
+#include <ctype.h>
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
@@ -29,6 +30,8 @@ static const char* usage_text =
     "         --name NAME              unique worker name (HOSTNAME-PID)\n"
     "         --host ADDR              address the collectives listen on (127.0.0.1)\n"
     "         --threads N              compute threads when a job does not set them (all cores)\n"
+    "         --device cpu|cuda:N      train on the CPU, or on GPU N; a GPU that cannot be used\n"
+    "                                  leaves the worker on the CPU, with a warning (cpu)\n"
     "       both: --log-level debug|info|warn|error (info)\n";
 
 static int parse_int(const char* flag, const char* text, int min, int* out) {
@@ -52,6 +55,7 @@ enum {
   OPT_NAME,
   OPT_HOST,
   OPT_THREADS,
+  OPT_DEVICE,
   OPT_LOG_LEVEL,
   OPT_HELP
 };
@@ -65,6 +69,7 @@ static const struct option options[] = {{"listen", required_argument, 0, OPT_LIS
                                         {"name", required_argument, 0, OPT_NAME},
                                         {"host", required_argument, 0, OPT_HOST},
                                         {"threads", required_argument, 0, OPT_THREADS},
+                                        {"device", required_argument, 0, OPT_DEVICE},
                                         {"log-level", required_argument, 0, OPT_LOG_LEVEL},
                                         {"help", no_argument, 0, OPT_HELP},
                                         {0, 0, 0, 0}};
@@ -72,6 +77,25 @@ static const struct option options[] = {{"listen", required_argument, 0, OPT_LIS
 static int flag_fits_role(int opt, int is_coordinator) {
   if (opt == OPT_LOG_LEVEL || opt == OPT_HELP) return 1;
   return is_coordinator ? opt <= OPT_PORT_FILE : opt >= OPT_COORDINATOR;
+}
+
+/* "cpu" is -1; "cuda:N" is N, the index of a GPU. */
+static int parse_device(const char* text, int* out) {
+  if (strcmp(text, "cpu") == 0) {
+    *out = -1;
+    return 0;
+  }
+  long index = -1;
+  char* end = NULL;
+  if (strncmp(text, "cuda:", 5) == 0 && isdigit((unsigned char)text[5]))
+    index = strtol(text + 5, &end, 10);
+  if (index < 0 || *end != '\0' || index > INT_MAX) {
+    fprintf(stderr, "zenithd: --device expects cpu or cuda:N (N a GPU index, from 0), got '%s'\n",
+            text);
+    return -1;
+  }
+  *out = (int)index;
+  return 0;
 }
 
 /* Stores one parsed flag; -1 (after saying why) when its value is bad. */
@@ -101,6 +125,8 @@ static int apply_flag(int opt, char* value, coord_config* cc, worker_config* wc)
       return parse_int("--worker-timeout-ms", value, 100, &cc->worker_timeout_ms);
     case OPT_THREADS:
       return parse_int("--threads", value, 1, &wc->threads);
+    case OPT_DEVICE:
+      return parse_device(value, &wc->device);
     case OPT_LOG_LEVEL:
       if (zn_log_set_level_name(value) == 0) return 0;
       fprintf(stderr, "zenithd: --log-level expects debug, info, warn or error, got '%s'\n", value);
@@ -123,7 +149,7 @@ int main(int argc, char** argv) {
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   const char* env_coordinator = getenv("ZENITH_COORDINATOR");
   worker_config wc = {env_coordinator && env_coordinator[0] ? env_coordinator : "127.0.0.1:7070",
-                      default_name, "127.0.0.1", cores > 0 ? (int)cores : 1};
+                      default_name, "127.0.0.1", cores > 0 ? (int)cores : 1, -1};
 
   optind = 2;
   int opt;

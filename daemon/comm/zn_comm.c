@@ -136,16 +136,6 @@ int zn_comm_create_with(const zn_comm_config* cfg, const zn_kv* kv, const zn_com
   return ZN_OK;
 }
 
-static int gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void* arg, void** impl,
-                        char* err, size_t errlen) {
-  return zn_comm_gloo_connect(cfg, kv, impl, err, errlen);
-}
-
-int zn_comm_create_gloo(const zn_comm_config* cfg, const zn_kv* kv, zn_comm** out, char* err,
-                        size_t errlen) {
-  return zn_comm_create_with(cfg, kv, &zn_comm_gloo_ops, gloo_connect, NULL, out, err, errlen);
-}
-
 /* Records a failure as "<what> (rank r of n, backend): <detail>". */
 static int fail(zn_comm* comm, int rc, const char* what, const char* detail) {
   const char* backend = comm->ops ? comm->ops->name : "local";
@@ -176,6 +166,37 @@ int zn_comm_allreduce_sum(zn_comm* comm, float* buf, size_t n) {
 
 int zn_comm_allreduce_sum_f64(zn_comm* comm, double* buf, size_t n) {
   return allreduce(comm, buf, n, ZN_COMM_F64);
+}
+
+/* ZN_OK when the backend has the device operation, else a failure naming the backend. */
+static int device_only(zn_comm* comm, int present, const char* what) {
+  if (present) return ZN_OK;
+  char detail[96];
+  snprintf(detail, sizeof detail, "the %s backend runs on the host; this needs a GPU backend",
+           comm->ops->name);
+  return fail(comm, ZN_ERR_INVALID, what, detail);
+}
+
+int zn_comm_allreduce_sum_queued(zn_comm* comm, float* buf, size_t n) {
+  if (!comm) return ZN_ERR_INVALID;
+  if (!comm->ops || n == 0) return ZN_OK;
+  const char* what = "queued allreduce_sum";
+  int rc = device_only(comm, comm->ops->allreduce_queue != NULL, what);
+  if (rc != ZN_OK) return rc;
+  char detail[ERR_CAP] = "";
+  rc = comm->ops->allreduce_queue(comm->impl, buf, n, detail, sizeof detail);
+  return rc == ZN_OK ? ZN_OK : fail(comm, rc, what, detail);
+}
+
+int zn_comm_wait_event(zn_comm* comm, void* event) {
+  if (!comm) return ZN_ERR_INVALID;
+  if (!comm->ops) return ZN_OK;
+  const char* what = "waiting for queued collectives";
+  int rc = device_only(comm, comm->ops->wait_event != NULL, what);
+  if (rc != ZN_OK) return rc;
+  char detail[ERR_CAP] = "";
+  rc = comm->ops->wait_event(comm->impl, event, detail, sizeof detail);
+  return rc == ZN_OK ? ZN_OK : fail(comm, rc, what, detail);
 }
 
 int zn_comm_broadcast(zn_comm* comm, void* buf, size_t bytes, int root) {

@@ -1,5 +1,5 @@
 /* Collectives between the ranks of one training job: the one interface the trainer calls, with
- * Gloo (CPU, TCP) behind it today and room for NCCL behind the same table of operations.
+ * Gloo (CPU, TCP) or NCCL (GPU) behind the same table of operations.
  *
  * Peers find each other through a key-value rendezvous that the caller supplies; in the worker
  * those calls go to the coordinator's KV RPCs, in tests to a folder. Every call returns a zn_err
@@ -14,6 +14,10 @@
 #include <stddef.h>
 
 #include "zn_err.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /* The rendezvous store. set publishes a value under a key; get returns a malloc'd copy that the
  * caller frees, or ZN_ERR_NOT_FOUND if the key is absent; wait blocks until every key exists and
@@ -44,6 +48,15 @@ int zn_comm_create_gloo(const zn_comm_config* cfg, const zn_kv* kv, zn_comm** ou
 int zn_comm_allreduce_sum(zn_comm* comm, float* buf, size_t n);
 int zn_comm_allreduce_sum_f64(zn_comm* comm, double* buf, size_t n);
 
+/* Device backends (NCCL) only; the others fail with ZN_ERR_INVALID. These split an allreduce in
+ * two, so that a training step can be queued ahead of the host or captured in a CUDA graph:
+ * queued returns once the collective is on the backend's stream, without waiting for it; and
+ * wait_event waits for a cudaEvent_t recorded on that stream after it, under the same watchdog
+ * as every collective (timeout, errors, stop flag). In a world of one both return at once: there
+ * is no peer to wait for, and the caller synchronises on its event itself. */
+int zn_comm_allreduce_sum_queued(zn_comm* comm, float* buf, size_t n);
+int zn_comm_wait_event(zn_comm* comm, void* event);
+
 /* Copies root's buf into every other rank's buf. */
 int zn_comm_broadcast(zn_comm* comm, void* buf, size_t bytes, int root);
 
@@ -58,5 +71,9 @@ int zn_comm_size(const zn_comm* comm);
 
 /* Closes the connections and frees the communicator; NULL is allowed. */
 void zn_comm_destroy(zn_comm* comm);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

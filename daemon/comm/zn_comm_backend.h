@@ -1,4 +1,4 @@
-/* The table of operations a collectives backend (Gloo today, NCCL later) provides to the
+/* The table of operations a collectives backend (Gloo, NCCL) provides to the
  * dispatch in zn_comm.c. Internal to daemon/comm: callers use zn_comm.h.
  *
  * The dispatch validates arguments, handles the world of one without a backend and adds the
@@ -24,6 +24,10 @@ typedef struct {
   int (*broadcast)(void* impl, void* buf, size_t bytes, int root, char* err, size_t errlen);
   int (*barrier)(void* impl, char* err, size_t errlen);
   void (*destroy)(void* impl);
+  /* Device backends only (NULL otherwise): queue an allreduce without waiting for it, and wait
+   * for a CUDA event under the backend's watchdog. */
+  int (*allreduce_queue)(void* impl, float* buf, size_t n, char* err, size_t errlen);
+  int (*wait_event)(void* impl, void* event, char* err, size_t errlen);
 } zn_comm_ops;
 
 /* Connects a backend to the peers named by cfg (size >= 2, already validated) and returns its
@@ -36,12 +40,6 @@ typedef int (*zn_comm_connect_fn)(const zn_comm_config* cfg, const zn_kv* kv, vo
 int zn_comm_create_with(const zn_comm_config* cfg, const zn_kv* kv, const zn_comm_ops* ops,
                         zn_comm_connect_fn connect, void* arg, zn_comm** out, char* err,
                         size_t errlen);
-
-/* Connects to the peers named by cfg (size >= 2, already validated) and returns the backend's
- * state in *impl. */
-int zn_comm_gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void** impl, char* err,
-                         size_t errlen);
-extern const zn_comm_ops zn_comm_gloo_ops;
 
 #ifdef __cplusplus
 }

@@ -168,10 +168,8 @@ void gloo_destroy(void* impl) {
   delete static_cast<GlooComm*>(impl);
 }
 
-}  // namespace
-
-extern "C" int zn_comm_gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void** impl,
-                                    char* err, size_t errlen) {
+int gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, void* /*arg*/, void** impl, char* err,
+                 size_t errlen) {
   *impl = nullptr;
   GlooComm* g = nullptr;
   int rc = guarded(
@@ -194,6 +192,13 @@ extern "C" int zn_comm_gloo_connect(const zn_comm_config* cfg, const zn_kv* kv, 
   return rc;
 }
 
-extern "C" const zn_comm_ops zn_comm_gloo_ops = {
-    "gloo", gloo_allreduce_sum, gloo_broadcast, gloo_barrier, gloo_destroy,
+const zn_comm_ops gloo_ops = {
+    "gloo", gloo_allreduce_sum, gloo_broadcast, gloo_barrier, gloo_destroy, nullptr, nullptr,
 };
+
+}  // namespace
+
+extern "C" int zn_comm_create_gloo(const zn_comm_config* cfg, const zn_kv* kv, zn_comm** out,
+                                   char* err, size_t errlen) {
+  return zn_comm_create_with(cfg, kv, &gloo_ops, gloo_connect, nullptr, out, err, errlen);
+}

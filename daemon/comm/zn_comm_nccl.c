@@ -21,7 +21,8 @@ typedef struct {
   cudaStream_t stream;
   atomic_int* stop;
   int timeout_ms;
-  float* scratch; /* one device float, for the barrier */
+  float* scratch;      /* one device float, for the barrier */
+  cudaEvent_t waiting; /* the event wait_event is watching */
 } nccl_impl;
 
 static double now_sec(void) {
@@ -80,6 +81,22 @@ static int init_done(nccl_impl* x, char* err, size_t errlen) {
 
 static int stream_done(nccl_impl* x, char* err, size_t errlen) {
   cudaError_t q = cudaStreamQuery(x->stream);
+  if (q == cudaSuccess) return 1;
+  if (q == cudaErrorNotReady) return 0;
+  snprintf(err, errlen, "CUDA: %s", cudaGetErrorString(q));
+  return -1;
+}
+
+/* A non-blocking communicator may return from a call before NCCL has taken the operation in;
+ * it has once the communicator's state leaves ncclInProgress. */
+static int queued_done(nccl_impl* x, char* err, size_t errlen) {
+  ncclResult_t state = ncclInProgress;
+  ncclCommGetAsyncError(x->comm, &state);
+  return state == ncclInProgress ? 0 : 1; /* an error is for watch() to report */
+}
+
+static int event_done(nccl_impl* x, char* err, size_t errlen) {
+  cudaError_t q = cudaEventQuery(x->waiting);
   if (q == cudaSuccess) return 1;
   if (q == cudaErrorNotReady) return 0;
   snprintf(err, errlen, "CUDA: %s", cudaGetErrorString(q));
@@ -179,7 +196,29 @@ static int barrier(void* impl, char* err, size_t errlen) {
   return allreduce_sum(impl, ((nccl_impl*)impl)->scratch, 1, ZN_COMM_F32, err, errlen);
 }
 
-static const zn_comm_ops nccl_ops = {"nccl", allreduce_sum, broadcast, barrier, destroy};
+static int allreduce_queue(void* impl, float* buf, size_t n, char* err, size_t errlen) {
+  nccl_impl* x = impl;
+  if (!x->comm) return finish(x, ncclSuccess, "allreduce", err, errlen);
+  ncclResult_t r = ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, x->comm, x->stream);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    snprintf(err, errlen, "NCCL: %s", ncclGetErrorString(r));
+    return ZN_ERR_COMM;
+  }
+  return watch(x, queued_done, "queueing an allreduce", err, errlen);
+}
+
+static int wait_event(void* impl, void* event, char* err, size_t errlen) {
+  nccl_impl* x = impl;
+  if (!x->comm) {
+    snprintf(err, errlen, "the communicator was aborted by an earlier failure");
+    return ZN_ERR_COMM;
+  }
+  x->waiting = (cudaEvent_t)event;
+  return watch(x, event_done, "the queued step", err, errlen);
+}
+
+static const zn_comm_ops nccl_ops = {"nccl",  allreduce_sum,   broadcast, barrier,
+                                     destroy, allreduce_queue, wait_event};
 
 int zn_comm_create_nccl(const zn_comm_config* cfg, const zn_kv* kv,
                         const zn_comm_nccl_options* options, zn_comm** out, char* err,

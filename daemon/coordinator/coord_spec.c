@@ -16,6 +16,14 @@ static int known_model(const char* m) {
   return m && (strcmp(m, "mlp") == 0 || strcmp(m, "cnn") == 0);
 }
 
+int coord_spec_known_device(const char* device) {
+  return device && (strcmp(device, "cpu") == 0 || strcmp(device, "cuda") == 0);
+}
+
+const char* coord_spec_device(const Zenith__V1__JobSpec* spec) {
+  return spec->device && spec->device[0] ? spec->device : "cpu";
+}
+
 static int validate_optimizer(const Zenith__V1__ZenithParams* p, char* err, size_t errlen) {
   if (!p) return 0;
   if (!isfinite(p->lr0) || p->lr0 <= 0)
@@ -45,6 +53,8 @@ int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errle
     FAIL("model: unknown model '%s'; choose mlp or cnn", spec->model ? spec->model : "");
   if (spec->dataset && spec->dataset[0] && strcmp(spec->dataset, "fashion-mnist") != 0)
     FAIL("dataset: unknown dataset '%s'; the supported dataset is fashion-mnist", spec->dataset);
+  if (!coord_spec_known_device(coord_spec_device(spec)))
+    FAIL("device: unknown device '%s'; choose cpu or cuda", spec->device);
   if (spec->workers < 1 || spec->workers > ZN_MAX_WORKERS)
     FAIL("workers: must be between 1 and %d (got %d)", ZN_MAX_WORKERS, spec->workers);
   if (spec->batch_size < 1 || spec->batch_size > 65536)
@@ -72,8 +82,9 @@ void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec) {
   set_default_string(&spec->dataset, "fashion-mnist");
   set_default_string(&spec->data_dir, ZN_DEFAULT_DATA_DIR);
   set_default_string(&spec->name, "");
+  set_default_string(&spec->device, "cpu");
   spec->has_workers = spec->has_batch_size = spec->has_epochs = spec->has_max_steps = 1;
-  spec->has_seed = spec->has_eval_every = spec->has_threads = 1;
+  spec->has_seed = spec->has_eval_every = spec->has_threads = spec->has_cuda_graph = 1;
   if (!spec->optimizer) {
     spec->optimizer = malloc(sizeof *spec->optimizer);
     zenith__v1__zenith_params__init(spec->optimizer);

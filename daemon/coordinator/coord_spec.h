@@ -15,6 +15,12 @@
 #define ZN_MAX_NAME_BYTES 256
 #define ZN_MAX_PATH_BYTES 4096
 
+/* Whether device names a device that jobs ask for and workers offer: "cpu" or "cuda". */
+int coord_spec_known_device(const char* device);
+
+/* The device a spec asks for: "cpu" when unset, as in jobs stored before specs had one. */
+const char* coord_spec_device(const Zenith__V1__JobSpec* spec);
+
 /* 0 when valid; otherwise writes "field: what is wrong" into err. */
 int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errlen);
 

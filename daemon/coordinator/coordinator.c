@@ -29,6 +29,7 @@ typedef struct worker {
   char id[64];
   char name[128];
   char host[128];
+  char device[8]; /* "cpu" or "cuda": only jobs of this device are given to it */
   int64_t last_seen_ms;
   int64_t registered_ms;
   int lost;
@@ -246,11 +247,12 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
       break;
     }
   }
-  record_event(co, a, "submitted", "job submitted: model %s, %d worker(s), batch %d",
-               a->job->spec->model, a->job->spec->workers, a->job->spec->batch_size);
-  ZN_INFO("job %s QUEUED: model %s, %d worker(s), batch %d, %d epoch(s), max %lld steps", id,
-          a->job->spec->model, a->job->spec->workers, a->job->spec->batch_size,
-          a->job->spec->epochs, (long long)a->job->spec->max_steps);
+  const Zenith__V1__JobSpec* spec = a->job->spec;
+  record_event(co, a, "submitted", "job submitted: model %s, %d %s worker(s), batch %d",
+               spec->model, spec->workers, spec->device, spec->batch_size);
+  ZN_INFO("job %s QUEUED: model %s, %d %s worker(s), batch %d, %d epoch(s), max %lld steps", id,
+          spec->model, spec->workers, spec->device, spec->batch_size, spec->epochs,
+          (long long)spec->max_steps);
 
   schedule(co); /* start it now if workers are idle, rather than at the next tick */
   Zenith__V1__SubmitJobResponse resp = ZENITH__V1__SUBMIT_JOB_RESPONSE__INIT;
@@ -394,6 +396,12 @@ static void handle_register(void* ud, zn_rpc_call* call, const ProtobufCMessage*
     zn_rpc_fail(call, ZN_RPC_INVALID_ARGUMENT, "Register: name must be 1 to 127 characters");
     return;
   }
+  const char* device = req->device && req->device[0] ? req->device : "cpu";
+  if (!coord_spec_known_device(device)) {
+    zn_rpc_fail(call, ZN_RPC_INVALID_ARGUMENT, "Register: device must be cpu or cuda (got '%s')",
+                device);
+    return;
+  }
   /* A name belongs to one live worker. A second process asking for it is
    * refused until the holder's heartbeats stop (a restarted worker whose
    * predecessor crashed gets in once the old registration times out). */
@@ -410,13 +418,14 @@ static void handle_register(void* ud, zn_rpc_call* call, const ProtobufCMessage*
   snprintf(w->id, sizeof w->id, "w-%d", ++co->next_worker);
   snprintf(w->name, sizeof w->name, "%s", req->name);
   snprintf(w->host, sizeof w->host, "%s", req->host && req->host[0] ? req->host : "127.0.0.1");
+  snprintf(w->device, sizeof w->device, "%s", device);
   w->pid = req->pid;
   w->last_seen_ms = w->registered_ms = zn_unix_ms();
   worker** tail = &co->workers;
   while (*tail) tail = &(*tail)->next;
   *tail = w;
-  ZN_INFO("worker %s registered as %s from %s (host %s, pid %d)", w->name, w->id,
-          zn_rpc_call_peer(call), w->host, req->pid);
+  ZN_INFO("worker %s registered as %s from %s (host %s, device %s, pid %d)", w->name, w->id,
+          zn_rpc_call_peer(call), w->host, w->device, req->pid);
 
   Zenith__V1__RegisterResponse resp = ZENITH__V1__REGISTER_RESPONSE__INIT;
   resp.worker_id = w->id;
@@ -600,15 +609,51 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
 
 /* ---------------------------------------------------------------- scheduler */
 
-/* Idle workers that answered recently: one that has missed a few heartbeats
- * (stopped, or cut off) is not given a job while it may be about to be lost. */
-static int idle_workers(coordinator* co, worker** out, int want) {
+/* Idle workers of the device that answered recently: one that has missed a few
+ * heartbeats (stopped, or cut off) is not given a job while it may be about to be lost. */
+static int idle_workers(coordinator* co, const char* device, worker** out, int want) {
   int64_t window = 3 * (int64_t)co->cfg.heartbeat_ms;
   int64_t fresh_after = zn_unix_ms() - (window > 1000 ? window : 1000);
   int n = 0;
   for (worker* w = co->workers; w && n < want; w = w->next)
-    if (!w->lost && !w->job_id[0] && w->last_seen_ms >= fresh_after) out[n++] = w;
+    if (!w->lost && !w->job_id[0] && w->last_seen_ms >= fresh_after &&
+        strcmp(w->device, device) == 0)
+      out[n++] = w;
   return n;
+}
+
+static int registered_workers(const coordinator* co, const char* device) {
+  int n = 0;
+  for (const worker* w = co->workers; w; w = w->next)
+    if (!w->lost && strcmp(w->device, device) == 0) n++;
+  return n;
+}
+
+static const char* plural(int n) {
+  return n == 1 ? "" : "s";
+}
+
+/* Why a job waits, in terms a user can act on: the workers of its device it
+ * needs, how many are idle, every registered worker by device, and, when too
+ * few of its device are registered at all, how to start more. */
+static void waiting_reason(const coordinator* co, const char* device, int want, int idle, char* out,
+                           size_t len) {
+  int cpu = registered_workers(co, "cpu");
+  int cuda = registered_workers(co, "cuda");
+  char registered[80];
+  if (cpu && cuda)
+    snprintf(registered, sizeof registered, "%d cpu and %d cuda workers registered", cpu, cuda);
+  else if (cpu || cuda)
+    snprintf(registered, sizeof registered, "%d %s worker%s registered", cpu + cuda,
+             cpu ? "cpu" : "cuda", plural(cpu + cuda));
+  else
+    snprintf(registered, sizeof registered, "no workers registered");
+  int is_cuda = strcmp(device, "cuda") == 0;
+  int too_few = (is_cuda ? cuda : cpu) < want;
+  snprintf(out, len, "waiting for %d %s worker%s: %d idle %s worker%s (%s%s%s)", want, device,
+           plural(want), idle, device, plural(idle), registered,
+           too_few ? "; start workers with --device " : "",
+           too_few ? (is_cuda ? "cuda:N" : "cpu") : "");
 }
 
 static void start_job(coordinator* co, active_job* a, worker** chosen) {
@@ -633,7 +678,8 @@ static void start_job(coordinator* co, active_job* a, worker** chosen) {
   set_string(&job->reason, "");
   save_job(co, job);
   record_event(co, a, "started", "job started on %d worker(s); rank 0 is %s", n, job->workers[0]);
-  ZN_INFO("job %s RUNNING on %d worker(s), rank 0 = %s", job->id, n, job->workers[0]);
+  ZN_INFO("job %s RUNNING on %d %s worker(s), rank 0 = %s", job->id, n,
+          coord_spec_device(job->spec), job->workers[0]);
   announce_job(a);
 }
 
@@ -641,14 +687,15 @@ static void schedule(coordinator* co) {
   for (active_job* a = co->active; a; a = a->next) {
     Job* job = a->job;
     if (job->state != ZENITH__V1__JOB_STATE__QUEUED) continue;
+    const char* device = coord_spec_device(job->spec);
     int want = job->spec->workers;
     worker** chosen = calloc(want, sizeof *chosen);
-    int have = idle_workers(co, chosen, want);
+    int have = idle_workers(co, device, chosen, want);
     if (have == want) {
       start_job(co, a, chosen);
     } else {
-      char reason[160];
-      snprintf(reason, sizeof reason, "waiting for workers: %d idle of %d needed", have, want);
+      char reason[256];
+      waiting_reason(co, device, want, have, reason, sizeof reason);
       if (!job->reason || strcmp(job->reason, reason) != 0) {
         set_string(&job->reason, reason);
         announce_job(a);

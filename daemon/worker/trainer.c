@@ -10,59 +10,18 @@
  * small allreduce adds the sums up. */
 #include "trainer.h"
 
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "worker_kv.h"
-#include "zn_comm.h"
-#include "zn_data.h"
+#include "trainer_run.h"
 #include "zn_err.h"
 #include "zn_log.h"
-#include "zn_model.h"
 #include "zn_step.h"
 #include "zn_time.h"
 
-#define COMM_TIMEOUT_MS 60000
 #define REPORT_EVERY_SEC 0.25
 #define RPC_TIMEOUT_MS 10000
-
-struct trainer {
-  Zenith__V1__Assignment* asg;
-  trainer_env env;
-  pthread_t thread;
-  atomic_int stop; /* asked to stop: 1 by the coordinator, 2 by the worker */
-  char stop_reason[256];
-};
-
-/* Everything one run of the loop owns, freed in one place. */
-typedef struct {
-  trainer* t;
-  const Zenith__V1__JobSpec* spec;
-  int rank, world, local_batch;
-  zn_dataset train, test;
-  zn_model* model;
-  zn_comm* comm;
-  worker_kv_ctx kv_ctx; /* the rendezvous store's context, alive as long as comm */
-  zn_zenith_params params;
-  zn_zenith_state state;
-  double* window;
-  float* momentum;
-  float* reduced; /* gradient sum + loss + stop flag */
-  float* batch_x;
-  uint8_t* batch_y;
-  uint32_t* perm;
-  int64_t total_steps, steps_per_epoch;
-  /* rank 0's metrics not yet reported */
-  Zenith__V1__StepMetrics* pending;
-  size_t n_pending, cap_pending;
-  double last_report;
-  int64_t images_since_report;
-  int reported_total;
-  char error[1024];
-} run;
 
 static void params_from_spec(const Zenith__V1__JobSpec* spec, zn_zenith_params* p) {
   zn_zenith_params_default(p);
@@ -100,7 +59,7 @@ static int post_report(run* r, Zenith__V1__ReportMetricsRequest* req, const char
   return ZN_OK;
 }
 
-static int send_report(run* r) {
+int trainer_send_report(run* r) {
   Zenith__V1__ReportMetricsRequest req = ZENITH__V1__REPORT_METRICS_REQUEST__INIT;
   Zenith__V1__StepMetrics** ptrs = malloc((r->n_pending ? r->n_pending : 1) * sizeof *ptrs);
   for (size_t i = 0; i < r->n_pending; i++) ptrs[i] = &r->pending[i];
@@ -120,7 +79,7 @@ static int send_report(run* r) {
   return ZN_OK;
 }
 
-static void report_eval(run* r, int64_t step, double loss, double accuracy) {
+void trainer_report_eval(run* r, int64_t step, double loss, double accuracy) {
   Zenith__V1__EvalResult ev = ZENITH__V1__EVAL_RESULT__INIT;
   ev.has_step = ev.has_test_loss = ev.has_test_accuracy = ev.has_unix_ms = 1;
   ev.step = step;
@@ -135,7 +94,7 @@ static void report_eval(run* r, int64_t step, double loss, double accuracy) {
   post_report(r, &req, "evaluation", &cancel_ignored);
 }
 
-static void record_step(run* r, zn_step_outcome outcome, double norm, double loss, int epoch) {
+void trainer_record_step(run* r, zn_step_outcome outcome, double norm, double loss, int epoch) {
   if (r->n_pending == r->cap_pending) {
     r->cap_pending = r->cap_pending ? 2 * r->cap_pending : 64;
     r->pending = realloc(r->pending, r->cap_pending * sizeof *r->pending);
@@ -163,10 +122,21 @@ static void record_step(run* r, zn_step_outcome outcome, double norm, double los
   m->images_per_sec = elapsed > 0 ? r->images_since_report / elapsed : 0;
   if (elapsed >= REPORT_EVERY_SEC || r->state.step == r->total_steps) {
     for (size_t i = 0; i < r->n_pending; i++) r->pending[i].images_per_sec = m->images_per_sec;
-    send_report(r);
+    trainer_send_report(r);
     r->last_report = now;
     r->images_since_report = 0;
   }
+}
+
+void trainer_warn_skipped(const run* r, zn_step_outcome outcome, double norm) {
+  if (outcome != ZN_STEP_TAKEN)
+    ZN_WARN("step %lld skipped: gradient norm %g is %s", (long long)r->state.step, norm,
+            outcome == ZN_STEP_SKIPPED_SPIKE ? "a spike" : "not finite");
+}
+
+void trainer_restart_rate_clock(run* r) {
+  r->last_report = zn_mono_sec();
+  r->images_since_report = 0;
 }
 
 /* ---------------------------------------------------------------- setup */
@@ -302,10 +272,8 @@ static int train_step(run* r, int64_t t, int* stop_out) {
   float scale = 1.0f / (float)r->world;
   zn_step_outcome outcome = zn_zenith_step(&r->params, &r->state, scale, zn_model_params(r->model),
                                            r->reduced, r->momentum, n, &norm);
-  if (outcome != ZN_STEP_TAKEN)
-    ZN_WARN("step %lld skipped: gradient norm %g is %s", (long long)r->state.step, norm,
-            outcome == ZN_STEP_SKIPPED_SPIKE ? "a spike" : "not finite");
-  if (r->rank == 0) record_step(r, outcome, norm, r->reduced[n] * scale, epoch + 1);
+  trainer_warn_skipped(r, outcome, norm);
+  if (r->rank == 0) trainer_record_step(r, outcome, norm, r->reduced[n] * scale, epoch + 1);
   return ZN_OK;
 }
 
@@ -319,15 +287,15 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
     if (!stop && every > 0 && (t + 1) % every == 0 && t + 1 < r->total_steps) {
       double loss, acc;
       if ((rc = evaluate(r, &loss, &acc)) != ZN_OK) return rc;
-      if (r->rank == 0) report_eval(r, t + 1, loss, acc);
-      r->last_report = zn_mono_sec(); /* images/s measures training, not evaluation */
-      r->images_since_report = 0;
+      if (r->rank == 0) trainer_report_eval(r, t + 1, loss, acc);
+      trainer_restart_rate_clock(r);
     }
   }
-  if (r->rank == 0 && r->n_pending) send_report(r);
+  if (r->rank == 0 && r->n_pending) trainer_send_report(r);
   if (stop) return ZN_ERR_CANCELLED;
   int rc = evaluate(r, test_loss, test_accuracy);
-  if (rc == ZN_OK && r->rank == 0) report_eval(r, r->state.step, *test_loss, *test_accuracy);
+  if (rc == ZN_OK && r->rank == 0)
+    trainer_report_eval(r, r->state.step, *test_loss, *test_accuracy);
   return rc;
 }
 
@@ -389,6 +357,41 @@ static int threads_for(const trainer* t) {
   return from_spec > 0 ? from_spec : t->env.threads;
 }
 
+static int is_cuda_job(const run* r) {
+  return r->spec->device && strcmp(r->spec->device, "cuda") == 0;
+}
+
+static int run_on_gpu(run* r, double* test_loss, double* test_accuracy) {
+  if (r->t->env.device < 0) {
+    snprintf(r->error, sizeof r->error, "a cuda job was given to a worker without a GPU");
+    return ZN_ERR_INVALID;
+  }
+#ifdef ZN_HAVE_GPU_TRAINING
+  return trainer_gpu_run(r, test_loss, test_accuracy);
+#else
+  snprintf(r->error, sizeof r->error,
+           "this worker was built without GPU training (CUDA, cuDNN and NCCL)");
+  return ZN_ERR_INVALID;
+#endif
+}
+
+static int run_job(run* r, double* test_loss, double* test_accuracy) {
+  int rc = load_data(r);
+  if (rc == ZN_OK) rc = plan_steps(r);
+  if (rc != ZN_OK) return rc;
+  if (is_cuda_job(r)) return run_on_gpu(r, test_loss, test_accuracy);
+  rc = build_model(r);
+  if (rc != ZN_OK) return rc;
+  ZN_INFO(
+      "job started: rank %d of %d, model %s (%zu parameters) on the CPU, %lld steps of batch %d "
+      "(%d per rank), %d thread(s)",
+      r->rank, r->world, r->spec->model, zn_model_num_params(r->model), (long long)r->total_steps,
+      r->spec->batch_size, r->local_batch, threads_for(r->t));
+  rc = join_peers(r);
+  if (rc == ZN_OK) rc = run_loop(r, test_loss, test_accuracy);
+  return rc;
+}
+
 static void* trainer_main(void* arg) {
   trainer* t = arg;
   run r = {0};
@@ -402,18 +405,7 @@ static void* trainer_main(void* arg) {
   zn_model_set_threads(threads_for(t));
 
   double t0 = zn_mono_sec(), test_loss = 0, test_accuracy = 0;
-  int rc = load_data(&r);
-  if (rc == ZN_OK) rc = plan_steps(&r);
-  if (rc == ZN_OK) rc = build_model(&r);
-  if (rc == ZN_OK) {
-    ZN_INFO(
-        "job started: rank %d of %d, model %s (%zu parameters), %lld steps of batch %d "
-        "(%d per rank), %d thread(s)",
-        r.rank, r.world, r.spec->model, zn_model_num_params(r.model), (long long)r.total_steps,
-        r.spec->batch_size, r.local_batch, threads_for(t));
-    rc = join_peers(&r);
-  }
-  if (rc == ZN_OK) rc = run_loop(&r, &test_loss, &test_accuracy);
+  int rc = run_job(&r, &test_loss, &test_accuracy);
 
   if (rc == ZN_OK)
     ZN_INFO("job done: %lld steps in %.1f s, test accuracy %.4f", (long long)r.state.step,

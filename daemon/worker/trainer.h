@@ -20,6 +20,7 @@ typedef struct {
   const char* worker_name;
   const char* host;          /* address the collectives listen on */
   int threads;               /* compute threads when the spec leaves it to the worker */
+  int device;                /* CUDA device index, or -1: train on the CPU */
   void (*on_done)(void* ud); /* called on the trainer thread as it ends */
   void* ud;
 } trainer_env;

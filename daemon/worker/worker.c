@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "gpu_probe.h"
 #include "trainer.h"
 #include "zenith.pb-c.h"
 #include "zn_err.h"
@@ -40,6 +41,8 @@ typedef struct {
   int must_reregister;
   int shutting_down;
   int exit_code;
+  int device;            /* the CUDA device it trains on, or -1: the CPU */
+  char device_text[160]; /* the device as the logs show it */
   trainer* trainer;
 } worker;
 
@@ -69,7 +72,7 @@ static void do_register(control_call* c) {
   Zenith__V1__RegisterRequest req = ZENITH__V1__REGISTER_REQUEST__INIT;
   req.name = (char*)w->cfg.name;
   req.host = (char*)w->cfg.host;
-  req.device = "cpu";
+  req.device = w->device >= 0 ? "cuda" : "cpu";
   req.has_pid = 1;
   req.pid = (int)getpid();
   c->rc = zn_rpc_unary(w->channel, "/zenith.v1.Workers/RegisterWorker", &req.base,
@@ -117,8 +120,14 @@ static void on_trainer_finished(void* ud) {
 }
 
 static void start_trainer(worker* w, const Zenith__V1__Assignment* asg) {
-  trainer_env env = {
-      w->channel, w->worker_id, w->cfg.name, w->cfg.host, w->cfg.threads, on_trainer_finished, w};
+  trainer_env env = {.channel = w->channel,
+                     .worker_id = w->worker_id,
+                     .worker_name = w->cfg.name,
+                     .host = w->cfg.host,
+                     .threads = w->cfg.threads,
+                     .device = w->device,
+                     .on_done = on_trainer_finished,
+                     .ud = w};
   ZN_INFO("assigned job %s as rank %d of %d", asg->job_id, asg->rank, asg->world_size);
   w->trainer = trainer_start(asg, &env);
   if (!w->trainer) ZN_ERROR("could not start a trainer thread for job %s", asg->job_id);
@@ -152,8 +161,8 @@ static void after_register(worker* w, control_call* c) {
   w->heartbeat_ms = resp->heartbeat_ms > 0 ? resp->heartbeat_ms : 500;
   w->registered = 1;
   w->must_reregister = 0;
-  ZN_INFO("registered with %s as %s (%s); heartbeat every %d ms", w->cfg.coordinator, w->worker_id,
-          w->cfg.name, w->heartbeat_ms);
+  ZN_INFO("registered with %s as %s (%s, device %s); heartbeat every %d ms", w->cfg.coordinator,
+          w->worker_id, w->cfg.name, w->device_text, w->heartbeat_ms);
   uv_timer_start(&w->heartbeat_timer, on_heartbeat_timer, 0, (uint64_t)w->heartbeat_ms);
 }
 
@@ -254,6 +263,24 @@ static void on_signal(uv_signal_t* handle, int signum) {
   }
 }
 
+/* Settles the device before the first registration, since the coordinator
+ * schedules by it. A GPU that cannot be used leaves the worker on the CPU with
+ * a warning, rather than ending it: the cluster keeps a worker, and the log
+ * says why it is not the one asked for. */
+static void choose_device(worker* w) {
+  w->device = -1;
+  snprintf(w->device_text, sizeof w->device_text, "cpu");
+  if (w->cfg.device < 0) return;
+  char text[128];
+  if (zn_gpu_probe(w->cfg.device, text, sizeof text) != 0) {
+    ZN_WARN("--device cuda:%d cannot be used (%s); this worker runs on the CPU", w->cfg.device,
+            text);
+    return;
+  }
+  w->device = w->cfg.device;
+  snprintf(w->device_text, sizeof w->device_text, "cuda:%d (%s)", w->device, text);
+}
+
 int zn_worker_run(const worker_config* cfg) {
   worker w = {0};
   w.cfg = *cfg;
@@ -270,8 +297,9 @@ int zn_worker_run(const worker_config* cfg) {
   uv_async_init(w.loop, &w.trainer_done, on_trainer_done);
   w.trainer_done.data = &w;
 
-  ZN_INFO("starting as %s: coordinator %s, collectives on %s, %d compute thread(s)", cfg->name,
-          cfg->coordinator, cfg->host, cfg->threads);
+  choose_device(&w);
+  ZN_INFO("starting as %s: coordinator %s, collectives on %s, device %s, %d compute thread(s)",
+          cfg->name, cfg->coordinator, cfg->host, w.device_text, cfg->threads);
   start_register(&w);
   uv_run(w.loop, UV_RUN_DEFAULT);
   uv_loop_close(w.loop);

@@ -8,6 +8,7 @@ typedef struct {
   const char* name;        /* unique among the cluster's workers */
   const char* host;        /* address the collectives listen on */
   int threads;             /* compute threads, unless a job spec sets them */
+  int device;              /* CUDA device index asked for (--device cuda:N), or -1: the CPU */
 } worker_config;
 
 /* Runs until SIGINT or SIGTERM; returns the process exit code. */

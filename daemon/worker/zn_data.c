@@ -175,7 +175,7 @@ static int load_labels(const char* dir, const char* name, const char* images_pat
   int rc = open_idx(dir, name, &f, err, errlen);
   if (rc != ZN_OK) return rc;
 
-  uint32_t count;
+  uint32_t count = 0;
   rc = read_header(&f, 1, &count, err, errlen);
   if (rc != ZN_OK) goto done;
   if (count != (uint32_t)ds->count) {

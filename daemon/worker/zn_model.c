@@ -34,30 +34,9 @@
 
 #include "zn_err.h"
 #include "zn_layers.h"
-#include "zn_rng.h"
+#include "zn_model_layout.h"
 
 enum { MAX_TENSORS = 8, IMG = 28 * 28, CLASSES = 10, ALIGN = 64, CHUNK = 8, MAX_THREADS = 64 };
-
-typedef struct {
-  const char* name;
-  int ndim;
-  int shape[4];
-  int fan_in; /* of the layer the tensor belongs to: sets its initialisation bound */
-} tensor_spec;
-
-static const tensor_spec mlp_spec[] = {
-    {"1.weight", 2, {256, 784}, 784},
-    {"1.bias", 1, {256}, 784},
-    {"3.weight", 2, {10, 256}, 256},
-    {"3.bias", 1, {10}, 256},
-};
-
-static const tensor_spec cnn_spec[] = {
-    {"0.weight", 4, {32, 1, 3, 3}, 9},    {"0.bias", 1, {32}, 9},
-    {"3.weight", 4, {64, 32, 3, 3}, 288}, {"3.bias", 1, {64}, 288},
-    {"7.weight", 2, {128, 3136}, 3136},   {"7.bias", 1, {128}, 3136},
-    {"9.weight", 2, {10, 128}, 128},      {"9.bias", 1, {10}, 128},
-};
 
 typedef enum { MODEL_MLP, MODEL_CNN } model_kind;
 
@@ -74,8 +53,7 @@ typedef struct {
 struct zn_model {
   model_kind kind;
   int max_batch;
-  const tensor_spec* spec;
-  int ntensors;
+  const zn_model_layout* layout;
   size_t offset[MAX_TENSORS];
   size_t nparams;
   float* params;
@@ -85,12 +63,6 @@ struct zn_model {
 };
 
 static atomic_int model_threads = 1;
-
-static size_t tensor_count(const tensor_spec* t) {
-  size_t c = 1;
-  for (int d = 0; d < t->ndim; d++) c *= (size_t)t->shape[d];
-  return c;
-}
 
 static size_t round_up(size_t bytes) {
   return (bytes + ALIGN - 1) / ALIGN * ALIGN;
@@ -185,12 +157,10 @@ int zn_model_create(const char* name, int max_batch, zn_model** out) {
   if (!m) return ZN_ERR_NOMEM;
   m->kind = kind;
   m->max_batch = max_batch;
-  m->spec = kind == MODEL_MLP ? mlp_spec : cnn_spec;
-  m->ntensors = kind == MODEL_MLP ? 4 : 8;
-  for (int i = 0; i < m->ntensors; i++) {
-    m->offset[i] = m->nparams;
-    m->nparams += tensor_count(&m->spec[i]);
-  }
+  m->layout = zn_model_layout_find(name);
+  for (int i = 0; i < m->layout->ntensors; i++)
+    m->offset[i] = zn_layout_tensor_offset(m->layout, i);
+  m->nparams = zn_layout_num_params(m->layout);
 
   size_t pbytes = round_up(sizeof(float) * m->nparams);
   m->params = aligned_alloc(ALIGN, pbytes);
@@ -230,14 +200,7 @@ int zn_model_max_batch(const zn_model* m) {
 }
 
 void zn_model_init(zn_model* m, uint64_t seed) {
-  zn_rng rng;
-  zn_rng_seed(&rng, seed);
-  for (int i = 0; i < m->ntensors; i++) {
-    float bound = (float)(1.0 / sqrt((double)m->spec[i].fan_in));
-    float* p = m->params + m->offset[i];
-    size_t count = tensor_count(&m->spec[i]);
-    for (size_t j = 0; j < count; j++) p[j] = zn_rng_uniform(&rng, -bound, bound);
-  }
+  zn_layout_init(m->layout, m->params, seed);
 }
 
 /* Parameter tensor i, and its gradient in a shard's buffer. */
@@ -431,16 +394,17 @@ double zn_model_eval_batch(zn_model* m, const float* x, const uint8_t* y, int n,
 }
 
 int zn_model_num_tensors(const zn_model* m) {
-  return m->ntensors;
+  return m->layout->ntensors;
 }
 
 const char* zn_model_tensor_name(const zn_model* m, int i) {
-  return m->spec[i].name;
+  return m->layout->tensors[i].name;
 }
 
 void zn_model_tensor_shape(const zn_model* m, int i, int* ndim, int shape[4]) {
-  *ndim = m->spec[i].ndim;
-  for (int d = 0; d < 4; d++) shape[d] = d < *ndim ? m->spec[i].shape[d] : 1;
+  const zn_tensor_spec* t = &m->layout->tensors[i];
+  *ndim = t->ndim;
+  for (int d = 0; d < 4; d++) shape[d] = d < *ndim ? t->shape[d] : 1;
 }
 
 size_t zn_model_tensor_offset(const zn_model* m, int i) {

@@ -18,32 +18,30 @@
 #define THREADS 256
 #define MAX_NORM_BLOCKS 1024
 
-/* What the device keeps between steps: the rule's state, its window and the
- * last step's norm and outcome. */
+/* What the device keeps between steps: the rule's parameters and the report
+ * (state, last norm and outcome), the window living in its own buffer. */
 typedef struct {
   zn_zenith_params params;
-  zn_zenith_state state;
-  double norm;
-  int outcome;
+  zn_cuda_step_report report;
 } device_rule;
 
 struct zn_cuda_step {
   zn_zenith_params params;
-  device_rule* rule;  /* device */
-  double* window;     /* device, params.window doubles */
-  double* partials;   /* device, norm_blocks doubles */
+  device_rule* rule; /* device */
+  double* window;    /* device, params.window doubles */
+  double* partials;  /* device, norm_blocks doubles */
   int norm_blocks;
   int update_blocks;
 };
 
-#define CUDA_TRY(expr, what)                                                        \
-  do {                                                                              \
-    cudaError_t e_ = (expr);                                                        \
-    if (e_ != cudaSuccess) {                                                        \
-      snprintf(err, errlen, "%s: %s", what, cudaGetErrorString(e_));                \
-      zn_cuda_step_destroy(s);                                                      \
-      return ZN_ERR_IO;                                                             \
-    }                                                                               \
+#define CUDA_TRY(expr, what)                                         \
+  do {                                                               \
+    cudaError_t e_ = (expr);                                         \
+    if (e_ != cudaSuccess) {                                         \
+      snprintf(err, errlen, "%s: %s", what, cudaGetErrorString(e_)); \
+      zn_cuda_step_destroy(s);                                       \
+      return ZN_ERR_IO;                                              \
+    }                                                                \
   } while (0)
 
 /* Sums the THREADS values of `shared` into shared[0] in a fixed tree. */
@@ -81,8 +79,8 @@ __global__ static void rate_kernel(device_rule* rule, const double* partials, in
   block_sum(shared);
   if (threadIdx.x == 0) {
     double norm = (double)grad_scale * sqrt(shared[0]);
-    rule->norm = norm;
-    rule->outcome = (int)zn_zenith_rate(&rule->params, &rule->state, norm);
+    rule->report.norm = norm;
+    rule->report.outcome = (int)zn_zenith_rate(&rule->params, &rule->report.state, norm);
   }
 }
 
@@ -97,10 +95,11 @@ __device__ static float update_one(float w, float g, float* v, float mu, float w
 
 __global__ static void update_kernel(const device_rule* rule, float* w, const float* g, float* v,
                                      size_t n, float scale) {
-  if (rule->outcome != ZN_STEP_TAKEN) return;
+  if (rule->report.outcome != ZN_STEP_TAKEN) return;
   const zn_zenith_params* p = &rule->params;
-  float mu = (float)p->momentum, wd = (float)p->weight_decay, lr = (float)rule->state.lr;
-  float lr_dd = (float)(rule->state.lr * p->decoupled_decay);
+  double rate = rule->report.state.lr;
+  float mu = (float)p->momentum, wd = (float)p->weight_decay, lr = (float)rate;
+  float lr_dd = (float)(rate * p->decoupled_decay);
   int nesterov = p->nesterov;
   float4* w4 = (float4*)w;
   float4* v4 = (float4*)v;
@@ -140,9 +139,9 @@ extern "C" int zn_cuda_step_create(const zn_zenith_params* p, size_t n, zn_cuda_
   device_rule host = {};
   host.params = *p;
   double* scratch = (double*)calloc((size_t)p->window, sizeof(double));
-  zn_zenith_state_init(p, &host.state, scratch);
+  zn_zenith_state_init(p, &host.report.state, scratch);
   free(scratch);
-  host.state.window = s->window;
+  host.report.state.window = s->window;
   CUDA_TRY(cudaMemset(s->window, 0, (size_t)p->window * sizeof(double)), "clearing the window");
   CUDA_TRY(cudaMemcpy(s->rule, &host, sizeof host, cudaMemcpyHostToDevice),
            "copying the rule's state");
@@ -177,9 +176,15 @@ extern "C" int zn_cuda_step_read(zn_cuda_step* s, zn_zenith_state* state, double
       cudaStreamSynchronize(st) != cudaSuccess)
     return ZN_ERR_IO;
   double* host_window = state->window;
-  *state = host.state;
+  *state = host.report.state;
   state->window = host_window;
-  if (norm) *norm = host.norm;
-  if (outcome) *outcome = host.outcome;
+  if (norm) *norm = host.report.norm;
+  if (outcome) *outcome = host.report.outcome;
   return ZN_OK;
+}
+
+extern "C" int zn_cuda_step_report_async(zn_cuda_step* s, zn_cuda_step_report* host, void* stream) {
+  cudaError_t e = cudaMemcpyAsync(host, &s->rule->report, sizeof *host, cudaMemcpyDeviceToHost,
+                                  (cudaStream_t)stream);
+  return e == cudaSuccess ? ZN_OK : ZN_ERR_IO;
 }

@@ -21,6 +21,14 @@ extern "C" {
 
 typedef struct zn_cuda_step zn_cuda_step;
 
+/* What a step leaves for the host to read: the rule's state after it (its window pointer is
+ * meaningless on the host), n_t and the step's zn_step_outcome. */
+typedef struct {
+  zn_zenith_state state;
+  double norm;
+  int outcome;
+} zn_cuda_step_report;
+
 /* For up to n parameters; allocates the window and the partials on the
  * current device. 0, or a negative zn_err code with err filled. */
 int zn_cuda_step_create(const zn_zenith_params* p, size_t n, zn_cuda_step** out, char* err,
@@ -38,6 +46,10 @@ int zn_cuda_step_launch(zn_cuda_step* s, float grad_scale, float* w, const float
  * last outcome. */
 int zn_cuda_step_read(zn_cuda_step* s, zn_zenith_state* state, double* norm, int* outcome,
                       void* stream);
+
+/* Queues a copy of the last step's report into *host (pinned memory, so the copy is
+ * asynchronous) on `stream`; it is there once the stream has passed this point. */
+int zn_cuda_step_report_async(zn_cuda_step* s, zn_cuda_step_report* host, void* stream);
 
 #ifdef __cplusplus
 }

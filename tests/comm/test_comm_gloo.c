@@ -381,7 +381,29 @@ static int rank_peer_silent(zn_comm* comm, const world* w) {
   return 0;
 }
 
+/* The split allreduce belongs to device backends: Gloo refuses it with a reason, and the
+ * communicator stays usable for ordinary collectives. */
+static int rank_device_ops_refused(zn_comm* comm, const world* w) {
+  float buf[2] = {1.0f, 2.0f};
+  int rc = zn_comm_allreduce_sum_queued(comm, buf, 2);
+  RANK_CHECK(rc == ZN_ERR_INVALID, 1, "queued allreduce on gloo returned %d", rc);
+  RANK_CHECK(strstr(zn_comm_error(comm), "GPU backend") != NULL, 2, "error was '%s'",
+             zn_comm_error(comm));
+  rc = zn_comm_wait_event(comm, NULL);
+  RANK_CHECK(rc == ZN_ERR_INVALID, 3, "wait_event on gloo returned %d", rc);
+  RANK_CHECK(zn_comm_allreduce_sum(comm, buf, 2) == ZN_OK, 4, "allreduce after the refusal: %s",
+             zn_comm_error(comm));
+  RANK_CHECK(buf[0] == 2.0f && buf[1] == 4.0f, 5, "allreduce gave %g %g", buf[0], buf[1]);
+  return 0;
+}
+
 /* ---- Tests ---- */
+
+static void host_backend_refuses_the_device_split_allreduce(void** state) {
+  world w = {.size = 2, .timeout_ms = 5000, .fn = rank_device_ops_refused, .n = 0};
+  run_world(&w);
+  assert_all_exited_ok(&w);
+}
 
 static void allreduce_sum_of_integers_is_exact_on_two_ranks(void** state) {
   world w = {.size = 2, .timeout_ms = 5000, .fn = rank_allreduce_ints, .n = 1000};
@@ -539,6 +561,10 @@ static void world_of_one_needs_no_network(void** state) {
   assert_int_equal(zn_comm_broadcast(comm, bytes, 4, 0), ZN_OK);
   assert_string_equal(bytes, "abc");
   assert_int_equal(zn_comm_barrier(comm), ZN_OK);
+  /* No peer to wait for: the split allreduce is a no-op on any backend. */
+  assert_int_equal(zn_comm_allreduce_sum_queued(comm, f, 3), ZN_OK);
+  assert_int_equal(zn_comm_wait_event(comm, NULL), ZN_OK);
+  assert_true(f[0] == 1.5f && f[1] == -2.0f && f[2] == 3.25f);
   assert_string_equal(zn_comm_error(comm), "");
   zn_comm_destroy(comm);
 }
@@ -579,6 +605,7 @@ int main(int argc, char** argv) {
       cmocka_unit_test(world_of_one_still_validates_arguments),
       cmocka_unit_test(bad_configs_are_rejected_with_a_reason),
       cmocka_unit_test_teardown(allreduce_sum_of_integers_is_exact_on_two_ranks, remove_last_dir),
+      cmocka_unit_test_teardown(host_backend_refuses_the_device_split_allreduce, remove_last_dir),
       cmocka_unit_test_teardown(allreduce_of_500k_floats_matches_double_reference_on_three_ranks,
                                 remove_last_dir),
       cmocka_unit_test_teardown(allreduce_gives_every_rank_the_same_bits, remove_last_dir),

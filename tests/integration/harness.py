@@ -99,6 +99,26 @@ def state_name(state):
     return pb2.JobState.Name(state)
 
 
+def workers_stub(cluster):
+    """A stub of the Workers service, for tests that act as a worker by hand."""
+    _, pb2_grpc = stubs()
+    return pb2_grpc.WorkersStub(cluster.channel)
+
+
+def assert_rpc_error(test, call, codes, *words):
+    """Runs call, which must fail with one of codes and a message containing every word."""
+    import grpc
+    if isinstance(codes, grpc.StatusCode):
+        codes = (codes,)
+    with test.assertRaises(grpc.RpcError) as ctx:
+        call()
+    err = ctx.exception
+    test.assertIn(err.code(), codes, "details: %s" % err.details())
+    for w in words:
+        test.assertIn(w, err.details() or "", "status %s" % err.code())
+    return err
+
+
 # ---------------------------------------------------------------- daemons
 
 _live = []  # every Daemon not yet stopped, for the atexit safety net
@@ -260,9 +280,11 @@ class Cluster:
         self._close_channel()
         return code
 
-    def add_worker(self, name, wait=True):
+    def add_worker(self, name, wait=True, device=None):
         args = [os.path.join(BIN, "zenithd"), "worker", "--coordinator", self.addr,
                 "--name", name, "--threads", "1"]
+        if device is not None:
+            args += ["--device", device]
         log = os.path.join(self.dir, "worker-%s-%d.log" % (name, len(self.daemons)))
         w = Daemon("worker " + name, args, log, daemon_env())
         self.workers[name] = w

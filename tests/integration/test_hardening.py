@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpc  # noqa: E402
 
 import harness  # noqa: E402
-from harness import metrics_of, state_name, stubs  # noqa: E402
+from harness import assert_rpc_error, metrics_of, state_name, stubs, workers_stub  # noqa: E402
 
 load_tests = harness.in_definition_order(globals())
 
@@ -54,24 +54,6 @@ def write_idx_dir(path, train_side, test_side, gzipped):
         with open(os.path.join(path, name), "wb") as f:
             f.write(data)
     return path
-
-
-def assert_rpc_error(test, call, codes, *words):
-    """Runs call, which must fail with one of codes and a message containing every word."""
-    if isinstance(codes, grpc.StatusCode):
-        codes = (codes,)
-    with test.assertRaises(grpc.RpcError) as ctx:
-        call()
-    err = ctx.exception
-    test.assertIn(err.code(), codes, "details: %s" % err.details())
-    for w in words:
-        test.assertIn(w, err.details() or "", "status %s" % err.code())
-    return err
-
-
-def workers_stub(c):
-    _, pb2_grpc = stubs()
-    return pb2_grpc.WorkersStub(c.channel)
 
 
 # ---------------------------------------------------------------- daemon flags
