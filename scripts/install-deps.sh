@@ -9,8 +9,9 @@ packages=(
   libgrpc-dev protobuf-compiler protobuf-compiler-grpc
   libprotobuf-c-dev protobuf-c-compiler
   libuv1-dev libgloo-dev libopenblas-dev libsqlite3-dev libjansson-dev libcmocka-dev zlib1g-dev
+  libssl-dev libmicrohttpd-dev libcairo2-dev
   dataset-fashion-mnist
-  python3 python3-numpy python3-torch python3-grpcio python3-protobuf
+  python3 python3-numpy python3-torch python3-grpcio python3-protobuf python3-prometheus-client
 )
 
 missing=()
