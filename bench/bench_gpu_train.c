@@ -69,7 +69,7 @@ static int train_epochs(gpu_train* g, const options* o, int count) {
   double t0 = now();
   for (int e = 0; e < o->epochs && rc == 0; e++) {
     zn_data_permutation(perm, (uint32_t)count, (uint64_t)o->seed, e);
-    rc = gpu_train_start_epoch(g, perm, count, err, sizeof err);
+    rc = gpu_train_start_epoch(g, perm, count, 0, err, sizeof err);
     for (int s = 0; s < per_epoch && rc == 0; s++) {
       rc = gpu_train_queue_step(g, 0, err, sizeof err);
       while (rc == 0 && gpu_train_in_flight(g) > (s + 1 < per_epoch ? 1 : 0))
@@ -94,16 +94,19 @@ static int train_epochs(gpu_train* g, const options* o, int count) {
 /* Runs `steps` steps, keeping one in flight; the epoch restarts whenever it runs out. */
 static int run_steps(gpu_train* g, const uint32_t* perm, int count, int batch, int steps,
                      gpu_step_result* last) {
-  char err[512];
+  char err[512] = "";
   int per_epoch = count / batch;
+  if (steps <= 0) return 0; /* --warmup 0 */
   for (int s = 0; s < steps; s++) {
-    if (s % per_epoch == 0 && gpu_train_start_epoch(g, perm, count, err, sizeof err) != 0) break;
+    if (s % per_epoch == 0 && gpu_train_start_epoch(g, perm, count, 0, err, sizeof err) != 0) break;
     if (gpu_train_queue_step(g, 0, err, sizeof err) != 0) break;
     if (gpu_train_in_flight(g) > 1 && gpu_train_next_result(g, last, err, sizeof err) != 0) break;
     if (s + 1 == steps) {
-      while (gpu_train_in_flight(g) > 0)
-        if (gpu_train_next_result(g, last, err, sizeof err) != 0) break;
-      return 0;
+      int rc = 0;
+      while (rc == 0 && gpu_train_in_flight(g) > 0)
+        rc = gpu_train_next_result(g, last, err, sizeof err);
+      if (rc == 0) return 0;
+      break;
     }
   }
   fprintf(stderr, "bench_gpu_train: %s\n", err);

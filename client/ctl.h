@@ -3,6 +3,8 @@
 #ifndef ZN_CTL_H
 #define ZN_CTL_H
 
+#include <jansson.h>
+
 #include "zenith.pb-c.h"
 #include "zn_rpc.h"
 
@@ -17,15 +19,29 @@ int ctl_list(const ctl_args* a);
 int ctl_status(const ctl_args* a);
 int ctl_watch(const ctl_args* a);
 int ctl_cancel(const ctl_args* a);
+int ctl_history(const ctl_args* a);
+int ctl_plot(const ctl_args* a);
+int ctl_checkpoint(const ctl_args* a);
+int ctl_checkpoints(const ctl_args* a);
+int ctl_resume(const ctl_args* a);
 
 /* Shared by the commands. */
 #define CTL_TIMEOUT_MS 10000
+/* Significant digits of every number zenithctl writes as data (JSON, CSV). */
+#define CTL_REAL_DIGITS 15
 /* Runs one unary call; on failure prints "zenithctl: CODE: message" and returns NULL. */
 ProtobufCMessage* ctl_call(const ctl_args* a, const char* method, const ProtobufCMessage* req,
                            const ProtobufCMessageDescriptor* resp_type);
 const char* ctl_state_name(int state);
-/* Prints a job as JSON (one object, newline-terminated). */
+/* Prints why a call failed: "zenithctl: CODE: message", or how to reach the coordinator. */
+void ctl_print_rpc_error(const ctl_args* a, const zn_rpc_status* st);
+/* A job as a JSON object, and printed as one (newline-terminated). */
+json_t* ctl_job_json(const Zenith__V1__Job* job);
 void ctl_print_job_json(const Zenith__V1__Job* job);
+/* A checkpoint record as a JSON object: id, job, step, path, digest, bytes, unix_ms. */
+json_t* ctl_checkpoint_json(const Zenith__V1__Checkpoint* c);
+/* The restarts and checkpoints lines of `zenithctl status`. */
+void ctl_print_job_checkpoints(const Zenith__V1__Job* job);
 /* Watches a job until it ends; returns 0 if it succeeded. */
 int ctl_watch_job(const ctl_args* a, const char* id);
 

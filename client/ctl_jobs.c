@@ -17,17 +17,21 @@ ProtobufCMessage* ctl_call(const ctl_args* a, const char* method, const Protobuf
   ProtobufCMessage* resp = NULL;
   zn_rpc_status st;
   if (zn_rpc_unary(ch, method, req, resp_type, CTL_TIMEOUT_MS, &resp, &st) != ZN_OK) {
-    if (st.code == ZN_RPC_UNAVAILABLE)
-      fprintf(stderr,
-              "zenithctl: cannot reach the coordinator at %s (%s); is it running? "
-              "Set it with --coordinator or ZENITH_COORDINATOR\n",
-              a->coordinator, st.message);
-    else
-      fprintf(stderr, "zenithctl: %s: %s\n", zn_rpc_code_name(st.code), st.message);
+    ctl_print_rpc_error(a, &st);
     resp = NULL;
   }
   zn_rpc_channel_close(ch);
   return resp;
+}
+
+void ctl_print_rpc_error(const ctl_args* a, const zn_rpc_status* st) {
+  if (st->code == ZN_RPC_UNAVAILABLE)
+    fprintf(stderr,
+            "zenithctl: cannot reach the coordinator at %s (%s); is it running? "
+            "Set it with --coordinator or ZENITH_COORDINATOR\n",
+            a->coordinator, st->message);
+  else
+    fprintf(stderr, "zenithctl: %s: %s\n", zn_rpc_code_name(st->code), st->message);
 }
 
 const char* ctl_state_name(int state) {
@@ -55,6 +59,12 @@ static const char* submit_help =
     "                        graph of the step (graphs are on by default)\n"
     "  --name TEXT           a label for the job, shown by status\n"
     "  --watch               follow the job after submitting it\n"
+    "Checkpoints and restarts:\n"
+    "  --checkpoint-every K  write a checkpoint every K steps; 0 = only on request and at the\n"
+    "                        end (500)\n"
+    "  --keep-checkpoints N  keep the newest N checkpoints, delete older ones (3)\n"
+    "  --max-restarts N      restart from the latest checkpoint after losing a worker, at most\n"
+    "                        N times; a worker preempted by SIGTERM does not count (3)\n"
     "ZENITH optimizer:\n"
     "  --lr0 X               initial and largest learning rate (0.05)\n"
     "  --window N            gradient norms in the sliding window (100)\n"
@@ -87,34 +97,41 @@ enum {
   S_DD,
   S_LR_MIN,
   S_SPIKE,
+  S_CKPT_EVERY,
+  S_KEEP_CKPTS,
+  S_MAX_RESTARTS,
   S_WATCH,
   S_HELP
 };
 
-static const struct option submit_options[] = {{"model", required_argument, 0, S_MODEL},
-                                               {"dataset", required_argument, 0, S_DATASET},
-                                               {"data-dir", required_argument, 0, S_DATA_DIR},
-                                               {"workers", required_argument, 0, S_WORKERS},
-                                               {"batch-size", required_argument, 0, S_BATCH},
-                                               {"epochs", required_argument, 0, S_EPOCHS},
-                                               {"max-steps", required_argument, 0, S_MAX_STEPS},
-                                               {"seed", required_argument, 0, S_SEED},
-                                               {"eval-every", required_argument, 0, S_EVAL},
-                                               {"threads", required_argument, 0, S_THREADS},
-                                               {"device", required_argument, 0, S_DEVICE},
-                                               {"no-cuda-graph", no_argument, 0, S_NO_GRAPH},
-                                               {"name", required_argument, 0, S_NAME},
-                                               {"lr0", required_argument, 0, S_LR0},
-                                               {"window", required_argument, 0, S_WINDOW},
-                                               {"momentum", required_argument, 0, S_MOMENTUM},
-                                               {"nesterov", no_argument, 0, S_NESTEROV},
-                                               {"weight-decay", required_argument, 0, S_WD},
-                                               {"decoupled-decay", required_argument, 0, S_DD},
-                                               {"lr-min", required_argument, 0, S_LR_MIN},
-                                               {"spike-factor", required_argument, 0, S_SPIKE},
-                                               {"watch", no_argument, 0, S_WATCH},
-                                               {"help", no_argument, 0, S_HELP},
-                                               {0, 0, 0, 0}};
+static const struct option submit_options[] = {
+    {"model", required_argument, 0, S_MODEL},
+    {"dataset", required_argument, 0, S_DATASET},
+    {"data-dir", required_argument, 0, S_DATA_DIR},
+    {"workers", required_argument, 0, S_WORKERS},
+    {"batch-size", required_argument, 0, S_BATCH},
+    {"epochs", required_argument, 0, S_EPOCHS},
+    {"max-steps", required_argument, 0, S_MAX_STEPS},
+    {"seed", required_argument, 0, S_SEED},
+    {"eval-every", required_argument, 0, S_EVAL},
+    {"threads", required_argument, 0, S_THREADS},
+    {"device", required_argument, 0, S_DEVICE},
+    {"no-cuda-graph", no_argument, 0, S_NO_GRAPH},
+    {"name", required_argument, 0, S_NAME},
+    {"lr0", required_argument, 0, S_LR0},
+    {"window", required_argument, 0, S_WINDOW},
+    {"momentum", required_argument, 0, S_MOMENTUM},
+    {"nesterov", no_argument, 0, S_NESTEROV},
+    {"weight-decay", required_argument, 0, S_WD},
+    {"decoupled-decay", required_argument, 0, S_DD},
+    {"lr-min", required_argument, 0, S_LR_MIN},
+    {"spike-factor", required_argument, 0, S_SPIKE},
+    {"checkpoint-every", required_argument, 0, S_CKPT_EVERY},
+    {"keep-checkpoints", required_argument, 0, S_KEEP_CKPTS},
+    {"max-restarts", required_argument, 0, S_MAX_RESTARTS},
+    {"watch", no_argument, 0, S_WATCH},
+    {"help", no_argument, 0, S_HELP},
+    {0, 0, 0, 0}};
 
 static int parse_i64(int opt, const char* text, long long* out) {
   char* end;
@@ -227,6 +244,15 @@ static int parse_spec_flag(int opt, char* arg, Zenith__V1__JobSpec* s) {
     case S_THREADS:
       s->has_threads = 1;
       return parse_int(opt, arg, &s->threads);
+    case S_CKPT_EVERY:
+      s->has_checkpoint_every = 1;
+      return parse_int(opt, arg, &s->checkpoint_every);
+    case S_KEEP_CKPTS:
+      s->has_keep_checkpoints = 1;
+      return parse_int(opt, arg, &s->keep_checkpoints);
+    case S_MAX_RESTARTS:
+      s->has_max_restarts = 1;
+      return parse_int(opt, arg, &s->max_restarts);
     case S_MAX_STEPS:
       s->has_max_steps = 1;
       return parse_i64(opt, arg, (long long*)&s->max_steps);
@@ -319,16 +345,20 @@ static json_t* spec_json(const Zenith__V1__JobSpec* s) {
     json_object_set_new(opt, "lr_min", json_real(p->lr_min));
     json_object_set_new(opt, "spike_factor", json_real(p->spike_factor));
   }
-  return json_pack("{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:i, s:i, s:I, s:I, s:i, s:i, s:o}", "name",
-                   s->name ? s->name : "", "model", s->model ? s->model : "", "dataset",
-                   s->dataset ? s->dataset : "", "data_dir", s->data_dir ? s->data_dir : "",
-                   "device", spec_device(s), "cuda_graph", s->cuda_graph, "workers", s->workers,
-                   "batch_size", s->batch_size, "epochs", s->epochs, "max_steps",
-                   (json_int_t)s->max_steps, "seed", (json_int_t)s->seed, "eval_every",
-                   s->eval_every, "threads", s->threads, "optimizer", opt);
+  json_t* o = json_pack(
+      "{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:i, s:i, s:I, s:I, s:i, s:i, s:o}", "name",
+      s->name ? s->name : "", "model", s->model ? s->model : "", "dataset",
+      s->dataset ? s->dataset : "", "data_dir", s->data_dir ? s->data_dir : "", "device",
+      spec_device(s), "cuda_graph", s->cuda_graph, "workers", s->workers, "batch_size",
+      s->batch_size, "epochs", s->epochs, "max_steps", (json_int_t)s->max_steps, "seed",
+      (json_int_t)s->seed, "eval_every", s->eval_every, "threads", s->threads, "optimizer", opt);
+  json_object_set_new(o, "checkpoint_every", json_integer(s->checkpoint_every));
+  json_object_set_new(o, "keep_checkpoints", json_integer(s->keep_checkpoints));
+  json_object_set_new(o, "max_restarts", json_integer(s->max_restarts));
+  return o;
 }
 
-static json_t* job_json(const Zenith__V1__Job* j) {
+json_t* ctl_job_json(const Zenith__V1__Job* j) {
   json_t* o = json_object();
   json_object_set_new(o, "id", json_string(j->id));
   json_object_set_new(o, "state", json_string(ctl_state_name(j->state)));
@@ -353,13 +383,20 @@ static json_t* job_json(const Zenith__V1__Job* j) {
     json_object_set_new(o, "grad_norm", json_number(j->last->grad_norm));
     json_object_set_new(o, "skipped_steps", json_integer(j->last->skipped_steps));
   }
+  json_object_set_new(o, "restarts", json_integer(j->restarts));
+  json_object_set_new(o, "checkpoints", json_integer(j->checkpoints));
+  json_object_set_new(o, "latest_checkpoint",
+                      j->latest_checkpoint && j->latest_checkpoint->id
+                          ? ctl_checkpoint_json(j->latest_checkpoint)
+                          : json_null());
   if (j->spec) json_object_set_new(o, "spec", spec_json(j->spec));
   return o;
 }
 
 void ctl_print_job_json(const Zenith__V1__Job* job) {
-  json_t* o = job_json(job);
-  json_dumpf(o, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
+  json_t* o = ctl_job_json(job);
+  json_dumpf(o, stdout,
+             JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(CTL_REAL_DIGITS));
   fputc('\n', stdout);
   json_decref(o);
 }
@@ -413,8 +450,10 @@ int ctl_list(const ctl_args* a) {
   if (!resp) return 1;
   if (json) {
     json_t* arr = json_array();
-    for (size_t i = 0; i < resp->n_jobs; i++) json_array_append_new(arr, job_json(resp->jobs[i]));
-    json_dumpf(arr, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
+    for (size_t i = 0; i < resp->n_jobs; i++)
+      json_array_append_new(arr, ctl_job_json(resp->jobs[i]));
+    json_dumpf(arr, stdout,
+               JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(CTL_REAL_DIGITS));
     fputc('\n', stdout);
     json_decref(arr);
   } else {
@@ -451,6 +490,7 @@ static void print_job_text(const Zenith__V1__Job* j) {
     for (size_t i = 0; i < j->n_workers; i++) printf(" %s", j->workers[i]);
     printf("\n");
   }
+  ctl_print_job_checkpoints(j);
   if (j->error && j->error[0]) printf("error:         %s\n", j->error);
 }
 

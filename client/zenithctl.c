@@ -2,8 +2,11 @@
  *
  *   zenithctl [--coordinator ADDR] submit [spec flags] [--watch]
  *   zenithctl [--coordinator ADDR] list|status JOB|watch JOB|cancel JOB [--json]
+ *   zenithctl [--coordinator ADDR] history JOB [--format csv|json] [-o FILE]
+ *   zenithctl [--coordinator ADDR] plot JOB -o FILE.svg|FILE.png
+ *   zenithctl [--coordinator ADDR] checkpoint JOB | checkpoints JOB [--json] | resume JOB
  *
- * Each command is one RPC (watch: one stream). Errors print the coordinator's
+ * Each command is one RPC (watch, history, plot: one stream). Errors print the coordinator's
  * own message, which names the field or job at fault, and exit non-zero. */
 #include <getopt.h>
 #include <stdio.h>
@@ -22,6 +25,16 @@ static const char* usage_text =
     "  status JOB [--json] show one job\n"
     "  watch JOB           follow a job live; exits 0 when it succeeds\n"
     "  cancel JOB          cancel a queued or running job\n"
+    "  checkpoint JOB [--timeout S]\n"
+    "                      ask a running job for a checkpoint; waits until it is written\n"
+    "  checkpoints JOB [--json]\n"
+    "                      list a job's checkpoints, oldest first\n"
+    "  resume JOB [--from CHECKPOINT]\n"
+    "                      queue a failed or cancelled job again from a checkpoint (its latest)\n"
+    "  history JOB [--format csv|json] [-o FILE]\n"
+    "                      every step's loss, n_t, m_t, M_t and eta_t (JSON: also evaluations\n"
+    "                      and events)\n"
+    "  plot JOB -o FILE    draw eta_t and n_t, m_t, M_t over the steps (FILE .svg or .png)\n"
     "\n"
     "The coordinator is --coordinator ADDR, else $ZENITH_COORDINATOR, else 127.0.0.1:7070.\n"
     "`zenithctl submit --help` lists the job flags.\n";
@@ -57,6 +70,11 @@ int main(int argc, char** argv) {
   if (strcmp(command, "status") == 0) return ctl_status(&args);
   if (strcmp(command, "watch") == 0) return ctl_watch(&args);
   if (strcmp(command, "cancel") == 0) return ctl_cancel(&args);
+  if (strcmp(command, "checkpoint") == 0) return ctl_checkpoint(&args);
+  if (strcmp(command, "checkpoints") == 0) return ctl_checkpoints(&args);
+  if (strcmp(command, "resume") == 0) return ctl_resume(&args);
+  if (strcmp(command, "history") == 0) return ctl_history(&args);
+  if (strcmp(command, "plot") == 0) return ctl_plot(&args);
   fprintf(stderr, "zenithctl: unknown command '%s'\n\n%s", command, usage_text);
   return 2;
 }

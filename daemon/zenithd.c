@@ -25,6 +25,10 @@ static const char* usage_text =
     "         --heartbeat-ms N         how often workers send a heartbeat (500)\n"
     "         --worker-timeout-ms N    a worker silent this long is lost (5000)\n"
     "         --port-file FILE         write the bound port there (useful with port 0)\n"
+    "         --checkpoint-dir DIR     where workers write checkpoints, DIR/<job id>; a folder\n"
+    "                                  every worker reaches at the same path (STATE/checkpoints)\n"
+    "         --metrics-listen ADDR    serve Prometheus metrics on http://ADDR/metrics (off)\n"
+    "         --metrics-port-file FILE write the metrics port there (useful with port 0)\n"
     "       zenithd worker [flags]\n"
     "         --coordinator ADDR       the coordinator ($ZENITH_COORDINATOR, else 127.0.0.1:7070)\n"
     "         --name NAME              unique worker name (HOSTNAME-PID)\n"
@@ -51,6 +55,9 @@ enum {
   OPT_HEARTBEAT,
   OPT_TIMEOUT,
   OPT_PORT_FILE,
+  OPT_CHECKPOINT_DIR,
+  OPT_METRICS_LISTEN,
+  OPT_METRICS_PORT_FILE,
   OPT_COORDINATOR,
   OPT_NAME,
   OPT_HOST,
@@ -60,23 +67,27 @@ enum {
   OPT_HELP
 };
 
-static const struct option options[] = {{"listen", required_argument, 0, OPT_LISTEN},
-                                        {"state", required_argument, 0, OPT_STATE},
-                                        {"heartbeat-ms", required_argument, 0, OPT_HEARTBEAT},
-                                        {"worker-timeout-ms", required_argument, 0, OPT_TIMEOUT},
-                                        {"port-file", required_argument, 0, OPT_PORT_FILE},
-                                        {"coordinator", required_argument, 0, OPT_COORDINATOR},
-                                        {"name", required_argument, 0, OPT_NAME},
-                                        {"host", required_argument, 0, OPT_HOST},
-                                        {"threads", required_argument, 0, OPT_THREADS},
-                                        {"device", required_argument, 0, OPT_DEVICE},
-                                        {"log-level", required_argument, 0, OPT_LOG_LEVEL},
-                                        {"help", no_argument, 0, OPT_HELP},
-                                        {0, 0, 0, 0}};
+static const struct option options[] = {
+    {"listen", required_argument, 0, OPT_LISTEN},
+    {"state", required_argument, 0, OPT_STATE},
+    {"heartbeat-ms", required_argument, 0, OPT_HEARTBEAT},
+    {"worker-timeout-ms", required_argument, 0, OPT_TIMEOUT},
+    {"port-file", required_argument, 0, OPT_PORT_FILE},
+    {"checkpoint-dir", required_argument, 0, OPT_CHECKPOINT_DIR},
+    {"metrics-listen", required_argument, 0, OPT_METRICS_LISTEN},
+    {"metrics-port-file", required_argument, 0, OPT_METRICS_PORT_FILE},
+    {"coordinator", required_argument, 0, OPT_COORDINATOR},
+    {"name", required_argument, 0, OPT_NAME},
+    {"host", required_argument, 0, OPT_HOST},
+    {"threads", required_argument, 0, OPT_THREADS},
+    {"device", required_argument, 0, OPT_DEVICE},
+    {"log-level", required_argument, 0, OPT_LOG_LEVEL},
+    {"help", no_argument, 0, OPT_HELP},
+    {0, 0, 0, 0}};
 
 static int flag_fits_role(int opt, int is_coordinator) {
   if (opt == OPT_LOG_LEVEL || opt == OPT_HELP) return 1;
-  return is_coordinator ? opt <= OPT_PORT_FILE : opt >= OPT_COORDINATOR;
+  return is_coordinator ? opt < OPT_COORDINATOR : opt >= OPT_COORDINATOR;
 }
 
 /* "cpu" is -1; "cuda:N" is N, the index of a GPU. */
@@ -110,6 +121,15 @@ static int apply_flag(int opt, char* value, coord_config* cc, worker_config* wc)
     case OPT_PORT_FILE:
       cc->port_file = value;
       return 0;
+    case OPT_CHECKPOINT_DIR:
+      cc->checkpoint_dir = value;
+      return 0;
+    case OPT_METRICS_LISTEN:
+      cc->metrics_listen = value;
+      return 0;
+    case OPT_METRICS_PORT_FILE:
+      cc->metrics_port_file = value;
+      return 0;
     case OPT_COORDINATOR:
       wc->coordinator = value;
       return 0;
@@ -141,7 +161,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   int is_coordinator = strcmp(argv[1], "coordinator") == 0;
-  coord_config cc = {"127.0.0.1:7070", "zenith-state", NULL, 500, 5000};
+  coord_config cc = {.listen = "127.0.0.1:7070",
+                     .state_dir = "zenith-state",
+                     .heartbeat_ms = 500,
+                     .worker_timeout_ms = 5000};
   char default_name[128];
   char host[64] = "localhost";
   gethostname(host, sizeof host);

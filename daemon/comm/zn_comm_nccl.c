@@ -70,37 +70,34 @@ static int watch(nccl_impl* x, int (*done)(nccl_impl*, char*, size_t), const cha
   }
 }
 
-static int init_done(nccl_impl* x, char* err, size_t errlen) {
+/* Whether the communicator's state is ncclSuccess. Any other state counts as not done: an error
+ * is then reported by watch(), which aborts the communicator as NCCL requires after one (a
+ * destroy of a communicator in error fails and leaks it). */
+static int comm_ready(nccl_impl* x, char* err, size_t errlen) {
   ncclResult_t state = ncclInProgress;
   ncclCommGetAsyncError(x->comm, &state);
-  if (state == ncclInProgress) return 0;
-  if (state == ncclSuccess) return 1;
-  snprintf(err, errlen, "ncclCommInitRank: %s", ncclGetErrorString(state));
+  return state == ncclSuccess;
+}
+
+/* What a query of a stream or event says. Not ready is no error, but the runtime may keep it as
+ * the thread's last error, which the next launch check (cudaGetLastError) would then report as
+ * that launch's failure: it is cleared here. */
+static int query_done(cudaError_t q, char* err, size_t errlen) {
+  if (q == cudaSuccess) return 1;
+  if (q == cudaErrorNotReady) {
+    cudaGetLastError();
+    return 0;
+  }
+  snprintf(err, errlen, "CUDA: %s", cudaGetErrorString(q));
   return -1;
 }
 
 static int stream_done(nccl_impl* x, char* err, size_t errlen) {
-  cudaError_t q = cudaStreamQuery(x->stream);
-  if (q == cudaSuccess) return 1;
-  if (q == cudaErrorNotReady) return 0;
-  snprintf(err, errlen, "CUDA: %s", cudaGetErrorString(q));
-  return -1;
-}
-
-/* A non-blocking communicator may return from a call before NCCL has taken the operation in;
- * it has once the communicator's state leaves ncclInProgress. */
-static int queued_done(nccl_impl* x, char* err, size_t errlen) {
-  ncclResult_t state = ncclInProgress;
-  ncclCommGetAsyncError(x->comm, &state);
-  return state == ncclInProgress ? 0 : 1; /* an error is for watch() to report */
+  return query_done(cudaStreamQuery(x->stream), err, errlen);
 }
 
 static int event_done(nccl_impl* x, char* err, size_t errlen) {
-  cudaError_t q = cudaEventQuery(x->waiting);
-  if (q == cudaSuccess) return 1;
-  if (q == cudaErrorNotReady) return 0;
-  snprintf(err, errlen, "CUDA: %s", cudaGetErrorString(q));
-  return -1;
+  return query_done(cudaEventQuery(x->waiting), err, errlen);
 }
 
 int zn_nccl_unique_id(uint8_t id[ZN_NCCL_ID_BYTES], char* err, size_t errlen) {
@@ -133,7 +130,7 @@ static int start_comm(nccl_impl* x, const zn_comm_config* cfg, const uint8_t id[
     x->comm = NULL;
     return ZN_ERR_COMM;
   }
-  return watch(x, init_done, "creating the communicator", err, errlen);
+  return watch(x, comm_ready, "creating the communicator", err, errlen);
 }
 
 static int connect_nccl(const zn_comm_config* cfg, const zn_kv* kv, void* arg, void** impl,
@@ -204,7 +201,9 @@ static int allreduce_queue(void* impl, float* buf, size_t n, char* err, size_t e
     snprintf(err, errlen, "NCCL: %s", ncclGetErrorString(r));
     return ZN_ERR_COMM;
   }
-  return watch(x, queued_done, "queueing an allreduce", err, errlen);
+  /* A non-blocking communicator may return before NCCL has taken the operation in (its state
+   * is then ncclInProgress), and no other work may go on the stream until it has. */
+  return watch(x, comm_ready, "queueing an allreduce", err, errlen);
 }
 
 static int wait_event(void* impl, void* event, char* err, size_t errlen) {

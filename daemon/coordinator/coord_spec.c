@@ -69,6 +69,14 @@ int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errle
   if (spec->eval_every < 0) FAIL("eval_every: must be >= 0 (got %d)", spec->eval_every);
   if (spec->threads < 0 || spec->threads > 1024)
     FAIL("threads: must be between 0 and 1024 (got %d)", spec->threads);
+  if (spec->checkpoint_every < 0)
+    FAIL("checkpoint_every: must be >= 0 steps; 0 means on request and at the end only (got %d)",
+         spec->checkpoint_every);
+  if (spec->keep_checkpoints < 1 || spec->keep_checkpoints > ZN_MAX_KEEP_CHECKPOINTS)
+    FAIL("keep_checkpoints: must be between 1 and %d (got %d)", ZN_MAX_KEEP_CHECKPOINTS,
+         spec->keep_checkpoints);
+  if (spec->max_restarts < 0 || spec->max_restarts > ZN_MAX_RESTARTS)
+    FAIL("max_restarts: must be between 0 and %d (got %d)", ZN_MAX_RESTARTS, spec->max_restarts);
   return validate_optimizer(spec->optimizer, err, errlen);
 }
 
@@ -85,6 +93,7 @@ void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec) {
   set_default_string(&spec->device, "cpu");
   spec->has_workers = spec->has_batch_size = spec->has_epochs = spec->has_max_steps = 1;
   spec->has_seed = spec->has_eval_every = spec->has_threads = spec->has_cuda_graph = 1;
+  spec->has_checkpoint_every = spec->has_keep_checkpoints = spec->has_max_restarts = 1;
   if (!spec->optimizer) {
     spec->optimizer = malloc(sizeof *spec->optimizer);
     zenith__v1__zenith_params__init(spec->optimizer);

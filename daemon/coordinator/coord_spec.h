@@ -14,6 +14,8 @@
 /* Text fields are bounded so that job lists stay small enough to send. */
 #define ZN_MAX_NAME_BYTES 256
 #define ZN_MAX_PATH_BYTES 4096
+#define ZN_MAX_KEEP_CHECKPOINTS 1000
+#define ZN_MAX_RESTARTS 100
 
 /* Whether device names a device that jobs ask for and workers offer: "cpu" or "cuda". */
 int coord_spec_known_device(const char* device);

@@ -5,7 +5,8 @@
  * so the state below needs no locks. Jobs, their metrics, evaluations and
  * events are written to the SQLite store before they are announced, so what a
  * watcher has seen survives a restart. Workers are known only in memory: after
- * a restart they are told to register again. */
+ * a restart they are told to register again. The structs are in coord_internal.h;
+ * checkpoints, resume and automatic restarts are in coord_ckpt.c. */
 #include "coordinator.h"
 
 #include <signal.h>
@@ -14,7 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "coord_ckpt.h"
 #include "coord_kv.h"
+#include "coord_metrics.h"
 #include "coord_spec.h"
 #include "zenith.pb-c.h"
 #include "zn_err.h"
@@ -22,54 +25,6 @@
 #include "zn_rpc.h"
 #include "zn_store.h"
 #include "zn_time.h"
-
-typedef Zenith__V1__Job Job;
-
-typedef struct worker {
-  char id[64];
-  char name[128];
-  char host[128];
-  char device[8]; /* "cpu" or "cuda": only jobs of this device are given to it */
-  int64_t last_seen_ms;
-  int64_t registered_ms;
-  int lost;
-  char job_id[64]; /* job it runs or was given; empty when idle */
-  int rank;
-  int assignment_pending; /* given a job, not yet told */
-  int pid;
-  struct worker* next;
-} worker;
-
-typedef struct watcher {
-  zn_rpc_call* call;
-  struct watcher* next;
-} watcher;
-
-/* A job that is queued or running; final jobs live in the store only. */
-typedef struct active_job {
-  Job* job;
-  int attempt;
-  int ranks_done;
-  uint8_t rank_done[ZN_MAX_WORKERS]; /* which ranks have reported their end */
-  /* A rank's collective failed: the cause may be a peer that died, which the
-   * liveness check names once its heartbeats are overdue. Until then the
-   * failure is held, so the job's error names the lost worker, not the
-   * survivor that noticed first. */
-  char* held_error;
-  int64_t held_until_ms;
-  watcher* watchers;
-  struct active_job* next;
-} active_job;
-
-typedef struct coordinator {
-  coord_config cfg;
-  zn_rpc_server* server;
-  zn_store* store;
-  coord_kv* kv;
-  worker* workers;    /* in registration order */
-  active_job* active; /* in submission order */
-  int next_worker;
-} coordinator;
 
 static zn_rpc_server* volatile signal_target;
 
@@ -79,7 +34,7 @@ static void on_signal(int sig) {
 
 /* ---------------------------------------------------------------- helpers */
 
-static const char* state_name(int state) {
+const char* coord_state_name(int state) {
   const ProtobufCEnumValue* v =
       protobuf_c_enum_descriptor_get_value(&zenith__v1__job_state__descriptor, state);
   return v ? v->name : "UNKNOWN";
@@ -90,24 +45,24 @@ static int is_final(int state) {
          state == ZENITH__V1__JOB_STATE__CANCELLED;
 }
 
-static void set_string(char** field, const char* value) {
+void coord_set_string(char** field, const char* value) {
   free(*field);
   *field = strdup(value);
 }
 
-static active_job* find_active(coordinator* co, const char* id) {
+active_job* coord_find_active(coordinator* co, const char* id) {
   for (active_job* a = co->active; a; a = a->next)
     if (strcmp(a->job->id, id) == 0) return a;
   return NULL;
 }
 
-static worker* find_worker(coordinator* co, const char* id) {
+worker* coord_find_worker(coordinator* co, const char* id) {
   for (worker* w = co->workers; w; w = w->next)
     if (!w->lost && strcmp(w->id, id) == 0) return w;
   return NULL;
 }
 
-static void save_job(coordinator* co, const Job* job) {
+void coord_save_job(coordinator* co, const Job* job) {
   if (zn_store_put_job(co->store, job) != ZN_OK)
     ZN_ERROR("job %s: could not be saved to the state database", job->id);
 }
@@ -125,10 +80,7 @@ static void broadcast(active_job* a, const Zenith__V1__WatchJobResponse* item) {
   }
 }
 
-static void record_event(coordinator* co, active_job* a, const char* kind, const char* fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static void record_event(coordinator* co, active_job* a, const char* kind, const char* fmt, ...) {
+void coord_record_event(coordinator* co, active_job* a, const char* kind, const char* fmt, ...) {
   char text[1024];
   va_list ap;
   va_start(ap, fmt);
@@ -146,14 +98,14 @@ static void record_event(coordinator* co, active_job* a, const char* kind, const
   broadcast(a, &item);
 }
 
-static void announce_job(active_job* a) {
+void coord_announce_job(active_job* a) {
   Zenith__V1__WatchJobResponse item = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
   item.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_JOB;
   item.job = a->job;
   broadcast(a, &item);
 }
 
-static void release_workers(coordinator* co, const char* job_id) {
+void coord_release_workers(coordinator* co, const char* job_id) {
   for (worker* w = co->workers; w; w = w->next) {
     if (strcmp(w->job_id, job_id) == 0 && w->assignment_pending) {
       w->job_id[0] = '\0';
@@ -188,25 +140,28 @@ static void end_job(coordinator* co, active_job* a, int state, const char* error
   job->has_state = 1;
   job->has_finished_unix_ms = 1;
   job->finished_unix_ms = zn_unix_ms();
-  if (error) set_string(&job->error, error);
-  set_string(&job->reason, state == ZENITH__V1__JOB_STATE__CANCELLED ? "cancelled by a user" : "");
-  save_job(co, job);
+  if (error) coord_set_string(&job->error, error);
+  coord_set_string(&job->reason,
+                   state == ZENITH__V1__JOB_STATE__CANCELLED ? "cancelled by a user" : "");
+  coord_save_job(co, job);
 
   const char* kind = state == ZENITH__V1__JOB_STATE__SUCCEEDED ? "succeeded"
                      : state == ZENITH__V1__JOB_STATE__FAILED  ? "failed"
                                                                : "cancelled";
   if (state == ZENITH__V1__JOB_STATE__SUCCEEDED)
-    record_event(co, a, kind, "job succeeded after %lld steps: test accuracy %.4f",
-                 (long long)job->step, job->test_accuracy);
+    coord_record_event(co, a, kind, "job succeeded after %lld steps: test accuracy %.4f",
+                       (long long)job->step, job->test_accuracy);
   else
-    record_event(co, a, kind, "job %s%s%s", kind, error ? ": " : "", error ? error : "");
-  ZN_INFO("job %s %s%s%s", job->id, state_name(state), error ? ": " : "", error ? error : "");
+    coord_record_event(co, a, kind, "job %s%s%s", kind, error ? ": " : "", error ? error : "");
+  ZN_INFO("job %s %s%s%s", job->id, coord_state_name(state), error ? ": " : "", error ? error : "");
 
   char prefix[96];
   snprintf(prefix, sizeof prefix, "%s/", job->id);
   coord_kv_drop_prefix(co->kv, prefix);
-  release_workers(co, job->id);
-  announce_job(a);
+  coord_release_workers(co, job->id);
+  coord_ckpt_job_ended(co, job);
+  coord_announce_job(a);
+  if (co->metrics) coord_metrics_job_ended(co->metrics, job);
   drop_active(co, a);
 }
 
@@ -240,7 +195,7 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
   active_job* a = calloc(1, sizeof *a);
   a->job = zn_rpc_clone_message(&draft.base);
   coord_spec_fill_defaults(a->job->spec);
-  save_job(co, a->job);
+  coord_save_job(co, a->job);
   for (active_job** p = &co->active;; p = &(*p)->next) {
     if (!*p) {
       *p = a;
@@ -248,8 +203,8 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     }
   }
   const Zenith__V1__JobSpec* spec = a->job->spec;
-  record_event(co, a, "submitted", "job submitted: model %s, %d %s worker(s), batch %d",
-               spec->model, spec->workers, spec->device, spec->batch_size);
+  coord_record_event(co, a, "submitted", "job submitted: model %s, %d %s worker(s), batch %d",
+                     spec->model, spec->workers, spec->device, spec->batch_size);
   ZN_INFO("job %s QUEUED: model %s, %d %s worker(s), batch %d, %d epoch(s), max %lld steps", id,
           spec->model, spec->workers, spec->device, spec->batch_size, spec->epochs,
           (long long)spec->max_steps);
@@ -262,7 +217,7 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
 
 /* The current view of a job: live if active, else from the store. */
 static Job* load_job(coordinator* co, const char* id, int* owned) {
-  active_job* a = find_active(co, id);
+  active_job* a = coord_find_active(co, id);
   *owned = 0;
   if (a) return a->job;
   Job* job = NULL;
@@ -296,7 +251,7 @@ static void handle_list(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg
   /* Active jobs change faster than they are saved: answer with their live view. */
   Job** view = malloc((n ? n : 1) * sizeof *view);
   for (size_t i = 0; i < n; i++) {
-    active_job* a = find_active(co, jobs[i]->id);
+    active_job* a = coord_find_active(co, jobs[i]->id);
     view[i] = a ? a->job : jobs[i];
   }
   Zenith__V1__ListJobsResponse resp = ZENITH__V1__LIST_JOBS_RESPONSE__INIT;
@@ -311,7 +266,7 @@ static void handle_cancel(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
   coordinator* co = ud;
   const Zenith__V1__CancelJobRequest* req = (const void*)msg;
   const char* id = req->id ? req->id : "";
-  active_job* a = find_active(co, id);
+  active_job* a = coord_find_active(co, id);
   if (!a) {
     int owned;
     Job* job = load_job(co, id, &owned);
@@ -320,7 +275,7 @@ static void handle_cancel(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
       return;
     }
     zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "job %s has already ended (%s)", id,
-                state_name(job->state));
+                coord_state_name(job->state));
     if (owned) zenith__v1__job__free_unpacked(job, NULL);
     return;
   }
@@ -373,13 +328,17 @@ static void handle_watch(void* ud, zn_rpc_call* call, const ProtobufCMessage* ms
   if (replayed != ZN_OK && replayed != ZN_ERR_CANCELLED)
     ZN_ERROR("job %s: its history could not be replayed: %s", job->id, zn_store_errmsg(co->store));
 
+  if (req->history_only && !owned) { /* still running, but only its history so far was asked for */
+    zn_rpc_stream_finish(call, ZN_RPC_OK, "");
+    return;
+  }
   if (owned) { /* already final: the replay is the whole story */
     zn_rpc_stream_write(call, &first.base);
     zn_rpc_stream_finish(call, ZN_RPC_OK, "");
     zenith__v1__job__free_unpacked(job, NULL);
     return;
   }
-  active_job* a = find_active(co, job->id);
+  active_job* a = coord_find_active(co, job->id);
   watcher* w = calloc(1, sizeof *w);
   w->call = call;
   w->next = a->watchers;
@@ -414,8 +373,13 @@ static void handle_register(void* ud, zn_rpc_call* call, const ProtobufCMessage*
       return;
     }
   }
+  char id[sizeof(((worker*)0)->id)];
+  if (zn_store_new_worker_id(co->store, id, sizeof id) != ZN_OK) {
+    zn_rpc_fail(call, ZN_RPC_INTERNAL, "the coordinator's database could not allocate a worker id");
+    return;
+  }
   worker* w = calloc(1, sizeof *w);
-  snprintf(w->id, sizeof w->id, "w-%d", ++co->next_worker);
+  snprintf(w->id, sizeof w->id, "%s", id);
   snprintf(w->name, sizeof w->name, "%s", req->name);
   snprintf(w->host, sizeof w->host, "%s", req->host && req->host[0] ? req->host : "127.0.0.1");
   snprintf(w->device, sizeof w->device, "%s", device);
@@ -438,7 +402,7 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
   coordinator* co = ud;
   const Zenith__V1__HeartbeatRequest* req = (const void*)msg;
   Zenith__V1__HeartbeatResponse resp = ZENITH__V1__HEARTBEAT_RESPONSE__INIT;
-  worker* w = find_worker(co, req->worker_id ? req->worker_id : "");
+  worker* w = coord_find_worker(co, req->worker_id ? req->worker_id : "");
   if (!w) {
     resp.has_reregister = 1;
     resp.reregister = 1;
@@ -448,12 +412,14 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
   w->last_seen_ms = zn_unix_ms();
 
   Zenith__V1__Assignment asg = ZENITH__V1__ASSIGNMENT__INIT;
-  active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
+  active_job* a = w->job_id[0] ? coord_find_active(co, w->job_id) : NULL;
   const char* running = req->job_id ? req->job_id : "";
-  if (w->job_id[0] && !a && !running[0]) {
-    /* Its job ended and the worker is idle, though its FinishJob never came
-     * (a call lost on the way): the worker is free again. */
+  if (w->job_id[0] && !running[0] &&
+      (!a || w->attempt != a->attempt || a->job->state != ZENITH__V1__JOB_STATE__RUNNING)) {
+    /* Its job or its attempt ended and the worker is idle, though its FinishJob never came
+     * (a call lost on the way, or a restart that overtook it): the worker is free again. */
     w->job_id[0] = '\0';
+    a = NULL;
   }
   if (a && !running[0] && !w->assignment_pending &&
       a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
@@ -474,20 +440,27 @@ static void handle_heartbeat(void* ud, zn_rpc_call* call, const ProtobufCMessage
     asg.kv_prefix = prefix;
     resp.assignment = &asg;
     w->assignment_pending = 0;
+    coord_ckpt_fill_assignment(co, a, &asg);
     zn_rpc_reply(call, &resp.base);
+    coord_ckpt_clear_assignment(&asg);
     return;
   }
+  int attempt = coord_request_attempt(w, req->has_attempt, req->attempt);
   if (running[0] &&
-      (!a || strcmp(running, a->job->id) != 0 || a->job->state != ZENITH__V1__JOB_STATE__RUNNING)) {
+      (!a || strcmp(running, a->job->id) != 0 || a->job->state != ZENITH__V1__JOB_STATE__RUNNING ||
+       attempt != a->attempt || w->attempt != a->attempt)) {
     resp.has_cancel = 1;
     resp.cancel = 1;
+  } else if (running[0] && w->rank == 0) {
+    resp.checkpoint_request = coord_ckpt_pending_request(co->ckpt, a->job->id);
+    resp.has_checkpoint_request = resp.checkpoint_request > 0;
   }
   zn_rpc_reply(call, &resp.base);
 }
 
 static active_job* job_of_worker(coordinator* co, zn_rpc_call* call, const char* worker_id,
                                  const char* job_id, worker** w_out) {
-  worker* w = find_worker(co, worker_id ? worker_id : "");
+  worker* w = coord_find_worker(co, worker_id ? worker_id : "");
   *w_out = w;
   if (!w) {
     zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "unknown worker '%s'; register first",
@@ -495,7 +468,7 @@ static active_job* job_of_worker(coordinator* co, zn_rpc_call* call, const char*
     return NULL;
   }
   w->last_seen_ms = zn_unix_ms();
-  active_job* a = job_id ? find_active(co, job_id) : NULL;
+  active_job* a = job_id ? coord_find_active(co, job_id) : NULL;
   if (a && strcmp(w->job_id, job_id) != 0) {
     zn_rpc_fail(call, ZN_RPC_FAILED_PRECONDITION, "worker %s is not running job %s", w->name,
                 job_id);
@@ -511,7 +484,7 @@ static void apply_metrics(coordinator* co, active_job* a,
   if (r->has_total_steps && r->total_steps != job->total_steps) {
     job->has_total_steps = 1;
     job->total_steps = r->total_steps;
-    announce_job(a); /* watchers learn the length of the job before its first step */
+    coord_announce_job(a); /* watchers learn the length of the job before its first step */
   }
   if (r->n_metrics) {
     zn_store_append_metrics(co->store, job->id, r->metrics, r->n_metrics);
@@ -527,7 +500,7 @@ static void apply_metrics(coordinator* co, active_job* a,
     ZN_INFO("job %s eval at step %lld: test loss %.4f, test accuracy %.4f", job->id,
             (long long)r->evals[i]->step, r->evals[i]->test_loss, r->evals[i]->test_accuracy);
   }
-  save_job(co, job);
+  coord_save_job(co, job);
 
   Zenith__V1__WatchJobResponse item = ZENITH__V1__WATCH_JOB_RESPONSE__INIT;
   item.item_case = ZENITH__V1__WATCH_JOB_RESPONSE__ITEM_METRICS;
@@ -555,9 +528,16 @@ static void handle_report(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     return;
   }
   Zenith__V1__ReportMetricsResponse resp = ZENITH__V1__REPORT_METRICS_RESPONSE__INIT;
+  int attempt = coord_request_attempt(w, req->has_attempt, req->attempt);
   resp.has_cancel = 1;
-  resp.cancel = !a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING;
-  if (!resp.cancel) apply_metrics(co, a, req);
+  resp.cancel = !a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING || attempt != a->attempt ||
+                w->attempt != a->attempt;
+  if (!resp.cancel) {
+    coord_ckpt_refused(co, a, w, req->refused_checkpoints, req->n_refused_checkpoints);
+    apply_metrics(co, a, req);
+    resp.checkpoint_request = coord_ckpt_pending_request(co->ckpt, a->job->id);
+    resp.has_checkpoint_request = resp.checkpoint_request > 0;
+  }
   zn_rpc_reply(call, &resp.base);
 }
 
@@ -568,10 +548,20 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
   active_job* a = job_of_worker(co, call, req->worker_id, req->job_id, &w);
   if (!w) return;
   int rank = w->rank;
-  if (req->job_id && strcmp(w->job_id, req->job_id) == 0) w->job_id[0] = '\0';
+  int attempt = coord_request_attempt(w, req->has_attempt, req->attempt);
+  int current = a && a->job->state == ZENITH__V1__JOB_STATE__RUNNING && attempt == a->attempt &&
+                w->attempt == a->attempt;
+  if (req->job_id && strcmp(w->job_id, req->job_id) == 0 && attempt == w->attempt)
+    w->job_id[0] = '\0';
   Zenith__V1__FinishJobResponse resp = ZENITH__V1__FINISH_JOB_RESPONSE__INIT;
   zn_rpc_reply(call, &resp.base);
-  if (!a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING) return;
+  if (!current) return; /* the job has ended, or a restart has replaced this attempt */
+
+  coord_ckpt_refused(co, a, w, req->refused_checkpoints, req->n_refused_checkpoints);
+  if (req->preempted) {
+    coord_ckpt_preempted(co, a, w, req->steps);
+    return;
+  }
 
   if (!req->ok && !req->cancelled) {
     char why[1200];
@@ -660,6 +650,7 @@ static void start_job(coordinator* co, active_job* a, worker** chosen) {
   Job* job = a->job;
   int n = job->spec->workers;
   a->attempt++;
+  a->requeue_note[0] = '\0';
   a->ranks_done = 0;
   memset(a->rank_done, 0, sizeof a->rank_done);
   for (size_t i = 0; i < job->n_workers; i++) free(job->workers[i]);
@@ -669,18 +660,20 @@ static void start_job(coordinator* co, active_job* a, worker** chosen) {
   for (int r = 0; r < n; r++) {
     snprintf(chosen[r]->job_id, sizeof chosen[r]->job_id, "%s", job->id);
     chosen[r]->rank = r;
+    chosen[r]->attempt = a->attempt;
     chosen[r]->assignment_pending = 1;
     job->workers[r] = strdup(chosen[r]->name);
   }
   job->state = ZENITH__V1__JOB_STATE__RUNNING;
   job->has_started_unix_ms = 1;
   job->started_unix_ms = zn_unix_ms();
-  set_string(&job->reason, "");
-  save_job(co, job);
-  record_event(co, a, "started", "job started on %d worker(s); rank 0 is %s", n, job->workers[0]);
+  coord_set_string(&job->reason, "");
+  coord_save_job(co, job);
+  coord_record_event(co, a, "started", "job started on %d worker(s); rank 0 is %s", n,
+                     job->workers[0]);
   ZN_INFO("job %s RUNNING on %d %s worker(s), rank 0 = %s", job->id, n,
           coord_spec_device(job->spec), job->workers[0]);
-  announce_job(a);
+  coord_announce_job(a);
 }
 
 static void schedule(coordinator* co) {
@@ -694,11 +687,12 @@ static void schedule(coordinator* co) {
     if (have == want) {
       start_job(co, a, chosen);
     } else {
-      char reason[256];
-      waiting_reason(co, device, want, have, reason, sizeof reason);
+      char reason[512];
+      int n = a->requeue_note[0] ? snprintf(reason, sizeof reason, "%s; ", a->requeue_note) : 0;
+      waiting_reason(co, device, want, have, reason + n, sizeof reason - (size_t)n);
       if (!job->reason || strcmp(job->reason, reason) != 0) {
-        set_string(&job->reason, reason);
-        announce_job(a);
+        coord_set_string(&job->reason, reason);
+        coord_announce_job(a);
       }
     }
     free(chosen);
@@ -712,13 +706,15 @@ static void check_liveness(coordinator* co) {
     w->lost = 1;
     ZN_WARN("worker %s (%s) lost: no heartbeat for %.1f s", w->name, w->id,
             (now - w->last_seen_ms) / 1000.0);
-    active_job* a = w->job_id[0] ? find_active(co, w->job_id) : NULL;
-    if (!a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING) continue;
+    active_job* a = w->job_id[0] ? coord_find_active(co, w->job_id) : NULL;
+    if (!a || a->job->state != ZENITH__V1__JOB_STATE__RUNNING || w->attempt != a->attempt) continue;
     char why[300];
     snprintf(why, sizeof why, "worker %s (rank %d) lost: no heartbeat for %.1f s", w->name, w->rank,
              (now - w->last_seen_ms) / 1000.0);
-    record_event(co, a, "worker_lost", "%s", why);
-    end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);
+    coord_record_event(co, a, "worker_lost", "%s", why);
+    char error[1400];
+    if (coord_ckpt_restart(co, a, why, error, sizeof error) != 0)
+      end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, error);
   }
   /* Forget lost workers that no job refers to any more. */
   worker** p = &co->workers;
@@ -739,10 +735,22 @@ static void release_held_errors(coordinator* co) {
   active_job* a = co->active;
   while (a) {
     active_job* next = a->next;
-    if (a->held_error && now >= a->held_until_ms)
-      end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, a->held_error);
+    char error[1400];
+    if (a->held_error && now >= a->held_until_ms &&
+        coord_ckpt_restart(co, a, a->held_error, error, sizeof error) != 0)
+      end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, error);
     a = next;
   }
+}
+
+/* Hands the metrics endpoint this tick's workers and active jobs; it renders them for scrapes. */
+static void publish_metrics(coordinator* co) {
+  if (!co->metrics) return;
+  coord_metrics_begin(co->metrics);
+  for (worker* w = co->workers; w; w = w->next)
+    if (!w->lost) coord_metrics_add_worker(co->metrics, w->device, w->job_id[0] != '\0');
+  for (active_job* a = co->active; a; a = a->next) coord_metrics_add_job(co->metrics, a->job);
+  coord_metrics_publish(co->metrics);
 }
 
 static void tick(void* ud) {
@@ -751,12 +759,14 @@ static void tick(void* ud) {
   release_held_errors(co);
   schedule(co);
   coord_kv_expire(co->kv);
+  publish_metrics(co);
 }
 
 /* ---------------------------------------------------------------- start-up */
 
 /* Jobs that were running when the coordinator stopped go back to the queue:
- * their workers are told to register again, and the job starts over. */
+ * their workers are told to register again, and the job continues from its
+ * latest checkpoint. */
 static int load_active_jobs(coordinator* co) {
   Job** jobs = NULL;
   size_t n = 0;
@@ -768,15 +778,7 @@ static int load_active_jobs(coordinator* co) {
     a->job = zn_rpc_clone_message(&jobs[i]->base);
     *tail = a;
     tail = &a->next;
-    if (a->job->state == ZENITH__V1__JOB_STATE__RUNNING) {
-      a->job->state = ZENITH__V1__JOB_STATE__QUEUED;
-      set_string(&a->job->reason, "requeued: the coordinator restarted while it ran");
-      save_job(co, a->job);
-      record_event(co, a, "requeued",
-                   "the coordinator restarted while the job ran; "
-                   "it starts again from step 0");
-      ZN_WARN("job %s requeued: it was running when the coordinator stopped", a->job->id);
-    }
+    coord_ckpt_reload_job(co, a);
   }
   zn_store_free_jobs(jobs, n);
   return ZN_OK;
@@ -815,7 +817,8 @@ static int add_methods(coordinator* co) {
                                       methods[i].handler, co);
     if (rc != ZN_OK) return rc;
   }
-  return coord_kv_add_methods(co->kv, co->server);
+  int rc = coord_ckpt_add_methods(co);
+  return rc != ZN_OK ? rc : coord_kv_add_methods(co->kv, co->server);
 }
 
 static void shutdown_coordinator(coordinator* co) {
@@ -835,9 +838,34 @@ static void shutdown_coordinator(coordinator* co) {
     co->workers = w->next;
     free(w);
   }
+  coord_metrics_stop(co->metrics);
   zn_rpc_server_destroy(co->server);
+  coord_ckpt_destroy(co->ckpt); /* after the server, whose cancelled calls may still report */
   coord_kv_destroy(co->kv);
   zn_store_close(co->store);
+}
+
+static void write_port_file(const char* path, int port) {
+  FILE* f = fopen(path, "w");
+  if (f) {
+    fprintf(f, "%d\n", port);
+    fclose(f);
+  }
+}
+
+/* The Prometheus endpoint that --metrics-listen asks for; an address that cannot be bound
+ * stops the start, as the gRPC one does. */
+static int start_metrics(coordinator* co) {
+  char err[512];
+  int rc = coord_metrics_start(co->cfg.metrics_listen, co->store, &co->metrics, err, sizeof err);
+  if (rc != ZN_OK) {
+    ZN_ERROR("--metrics-listen: %s", err);
+    return rc;
+  }
+  ZN_INFO("metrics on http://%s/metrics", coord_metrics_address(co->metrics));
+  if (co->cfg.metrics_port_file)
+    write_port_file(co->cfg.metrics_port_file, coord_metrics_port(co->metrics));
+  return ZN_OK;
 }
 
 int zn_coordinator_run(const coord_config* cfg) {
@@ -850,17 +878,28 @@ int zn_coordinator_run(const coord_config* cfg) {
     return 1;
   }
   ZN_INFO("state in %s/zenith.db", cfg->state_dir);
+  if (coord_ckpt_create(cfg, &co.ckpt, err, sizeof err) != ZN_OK) {
+    ZN_ERROR("%s", err);
+    zn_store_close(co.store);
+    return 1;
+  }
+  ZN_INFO("checkpoints in %s", coord_ckpt_dir(co.ckpt));
   co.kv = coord_kv_create();
   int port = 0;
   rc = zn_rpc_server_create(cfg->listen, &co.server, &port, err, sizeof err);
   if (rc != ZN_OK) {
     ZN_ERROR("%s", err);
+    coord_ckpt_destroy(co.ckpt);
     coord_kv_destroy(co.kv);
     zn_store_close(co.store);
     return 1;
   }
   if (add_methods(&co) != ZN_OK || load_active_jobs(&co) != ZN_OK) {
     ZN_ERROR("the coordinator could not start its services: %s", zn_store_errmsg(co.store));
+    shutdown_coordinator(&co);
+    return 1;
+  }
+  if (cfg->metrics_listen && start_metrics(&co) != ZN_OK) {
     shutdown_coordinator(&co);
     return 1;
   }
@@ -871,13 +910,7 @@ int zn_coordinator_run(const coord_config* cfg) {
   char* colon = strrchr(shown, ':');
   if (colon) snprintf(colon + 1, sizeof shown - (size_t)(colon + 1 - shown), "%d", port);
   ZN_INFO("listening on %s", shown);
-  if (cfg->port_file) {
-    FILE* f = fopen(cfg->port_file, "w");
-    if (f) {
-      fprintf(f, "%d\n", port);
-      fclose(f);
-    }
-  }
+  if (cfg->port_file) write_port_file(cfg->port_file, port);
 
   signal_target = co.server;
   signal(SIGINT, on_signal);

@@ -4,11 +4,16 @@
 #define ZN_COORDINATOR_H
 
 typedef struct {
-  const char* listen;    /* host:port to serve on */
-  const char* state_dir; /* holds zenith.db */
-  const char* port_file; /* if set, the bound port is written there (for port 0) */
-  int heartbeat_ms;      /* how often workers are asked to send a heartbeat */
-  int worker_timeout_ms; /* a worker silent this long is lost */
+  const char* listen;         /* host:port to serve on */
+  const char* state_dir;      /* holds zenith.db */
+  const char* port_file;      /* if set, the bound port is written there (for port 0) */
+  int heartbeat_ms;           /* how often workers are asked to send a heartbeat */
+  int worker_timeout_ms;      /* a worker silent this long is lost */
+  const char* checkpoint_dir; /* workers write checkpoints to DIR/<job>; NULL: STATE/checkpoints */
+
+  /* The Prometheus endpoint (GET /metrics), served when metrics_listen is set. */
+  const char* metrics_listen;    /* host:port, or :port for every interface */
+  const char* metrics_port_file; /* if set, its bound port is written there (for port 0) */
 } coord_config;
 
 /* Serves until SIGINT or SIGTERM; returns the process exit code. */

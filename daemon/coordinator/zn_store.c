@@ -39,19 +39,23 @@
 #define STORE_FILE "zenith.db"
 /* Decimal, because the schema text below is built from these by the preprocessor. */
 #define STORE_APP_ID 1515082824 /* 0x5A4E5448, "ZNTH": marks our files in the SQLite header */
-#define STORE_SCHEMA_VERSION 1
+#define STORE_SCHEMA_VERSION 2  /* 2 added the checkpoints table */
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define STORE_BUSY_MS 500 /* lets a coordinator that is exiting release the file */
 
 enum {
   ST_NEXT_ID,
+  ST_NEXT_WORKER,
   ST_PUT_JOB,
   ST_GET_JOB,
   ST_LIST_JOBS,
   ST_APPEND,
   ST_REPLAY,
   ST_COUNT,
+  ST_ADD_CKPT,
+  ST_LIST_CKPT,
+  ST_REMOVE_CKPT,
   ST_BEGIN,
   ST_COMMIT,
   ST_ROLLBACK,
@@ -60,6 +64,9 @@ enum {
 
 static const char* const stmt_sql[ST_N] = {
     [ST_NEXT_ID] = "UPDATE meta SET value = value + 1 WHERE key = 'last_job_id' RETURNING value",
+    /* Worker ids came later than the schema's first version: the row is made on first use. */
+    [ST_NEXT_WORKER] = "INSERT INTO meta VALUES ('last_worker_id', 1) ON CONFLICT (key) "
+                       "DO UPDATE SET value = value + 1 RETURNING value",
     /* An upsert, not INSERT OR REPLACE: REPLACE deletes the row and inserts a
      * new one, which would move a job to the end of the listing. */
     [ST_PUT_JOB] =
@@ -71,10 +78,32 @@ static const char* const stmt_sql[ST_N] = {
     [ST_APPEND] = "INSERT INTO history (job_id, kind, body) VALUES (?1, ?2, ?3)",
     [ST_REPLAY] = "SELECT seq, kind, body FROM history WHERE job_id = ?1 ORDER BY seq",
     [ST_COUNT] = "SELECT count(*) FROM history WHERE job_id = ?1",
+    [ST_ADD_CKPT] = "INSERT INTO checkpoints (id, job_id, step, body) VALUES (?1, ?2, ?3, ?4)",
+    [ST_LIST_CKPT] =
+        "SELECT id, body FROM checkpoints WHERE job_id = ?1 AND removed = 0 "
+        "ORDER BY seq",
+    [ST_REMOVE_CKPT] = "UPDATE checkpoints SET removed = 1 WHERE id = ?1",
     [ST_BEGIN] = "BEGIN IMMEDIATE",
     [ST_COMMIT] = "COMMIT",
     [ST_ROLLBACK] = "ROLLBACK",
 };
+
+/* Checkpoint records: a packed Checkpoint per row. Rows of removed files stay, marked, so an id
+ * is never reused and the history's "checkpoint" events keep pointing at a known record. */
+#define CHECKPOINTS_SQL                      \
+  "CREATE TABLE checkpoints ("               \
+  "  seq INTEGER PRIMARY KEY AUTOINCREMENT," \
+  "  id TEXT NOT NULL UNIQUE,"               \
+  "  job_id TEXT NOT NULL,"                  \
+  "  step INTEGER NOT NULL,"                 \
+  "  removed INTEGER NOT NULL DEFAULT 0,"    \
+  "  body BLOB NOT NULL);"                   \
+  "CREATE INDEX checkpoints_job ON checkpoints (job_id, seq);"
+
+/* Version 1 databases lack only the checkpoints table. */
+static const char migrate_1_to_2_sql[] = "BEGIN;" CHECKPOINTS_SQL
+                                         "PRAGMA user_version = 2;"
+                                         "COMMIT;";
 
 static const char schema_sql[] =
     "BEGIN;"
@@ -93,7 +122,7 @@ static const char schema_sql[] =
     "  job_id TEXT NOT NULL,"
     "  kind INTEGER NOT NULL,"
     "  body BLOB NOT NULL);"
-    "CREATE INDEX history_job ON history (job_id, seq);"
+    "CREATE INDEX history_job ON history (job_id, seq);" CHECKPOINTS_SQL
     "PRAGMA application_id = " STR(STORE_APP_ID) ";"
     "PRAGMA user_version = " STR(STORE_SCHEMA_VERSION) ";"
     "COMMIT;";
@@ -226,6 +255,14 @@ static int check_schema(zn_store* s) {
                    "%s is not a Zenith database: an SQLite file with application_id 0x%" PRIx64
                    " and %" PRId64 " tables",
                    s->path, (uint64_t)app_id, tables);
+  if (version == 1) {
+    if (sqlite3_exec(s->db, migrate_1_to_2_sql, NULL, NULL, NULL) != SQLITE_OK) {
+      int out = db_err(s, "adding the checkpoints table to a version 1 database");
+      sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+      return out;
+    }
+    return ZN_OK;
+  }
   if (version != STORE_SCHEMA_VERSION)
     return set_err(s, ZN_ERR_STORE,
                    "%s has schema version %" PRId64 ", this build reads version %d", s->path,
@@ -330,21 +367,31 @@ const char* zn_store_errmsg(const zn_store* s) {
 
 /* ---------------------------------------------------------------- jobs */
 
-int zn_store_new_job_id(zn_store* s, char* id, size_t len) {
-  sqlite3_stmt* st = s->st[ST_NEXT_ID];
+/* Steps a counter statement that increments and returns the new value, into "PREFIX-N". */
+static int next_id(zn_store* s, int which, const char* prefix, char* id, size_t len) {
+  sqlite3_stmt* st = s->st[which];
   int64_t n = 0;
   int rc = sqlite3_step(st);
   if (rc == SQLITE_ROW) {
     n = sqlite3_column_int64(st, 0);
     rc = sqlite3_step(st); /* to SQLITE_DONE, which commits the increment */
   }
-  int out = rc == SQLITE_DONE ? ZN_OK : db_err(s, "new_job_id");
+  int out = rc == SQLITE_DONE ? ZN_OK : db_err(s, "new id");
   stmt_done(st);
   if (out != ZN_OK) return out;
 
-  if (snprintf(id, len, "j-%" PRId64, n) >= (int)len)
-    return set_err(s, ZN_ERR_INVALID, "new_job_id: j-%" PRId64 " does not fit %zu bytes", n, len);
+  if (snprintf(id, len, "%s-%" PRId64, prefix, n) >= (int)len)
+    return set_err(s, ZN_ERR_INVALID, "new id: %s-%" PRId64 " does not fit %zu bytes", prefix, n,
+                   len);
   return ZN_OK;
+}
+
+int zn_store_new_job_id(zn_store* s, char* id, size_t len) {
+  return next_id(s, ST_NEXT_ID, "j", id, len);
+}
+
+int zn_store_new_worker_id(zn_store* s, char* id, size_t len) {
+  return next_id(s, ST_NEXT_WORKER, "w", id, len);
 }
 
 int zn_store_put_job(zn_store* s, const Zenith__V1__Job* job) {
@@ -435,6 +482,23 @@ done:
 void zn_store_free_jobs(Zenith__V1__Job** jobs, size_t n) {
   for (size_t i = 0; i < n; i++) zenith__v1__job__free_unpacked(jobs[i], NULL);
   free(jobs);
+}
+
+/* Prepared per call rather than kept with the others: the metrics endpoint asks when a job
+ * changes state, not per step. The state index makes it a scan of the index alone. */
+int zn_store_count_jobs(zn_store* s, int64_t* counts, size_t n) {
+  memset(counts, 0, n * sizeof *counts);
+  const char* sql = "SELECT state, count(*) FROM jobs GROUP BY state";
+  sqlite3_stmt* st = NULL;
+  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return db_err(s, "count_jobs");
+  int step;
+  while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+    int64_t state = sqlite3_column_int64(st, 0);
+    if (state >= 0 && (uint64_t)state < n) counts[state] = sqlite3_column_int64(st, 1);
+  }
+  int rc = step == SQLITE_DONE ? ZN_OK : db_err(s, "count_jobs");
+  sqlite3_finalize(st);
+  return rc;
 }
 
 /* ---------------------------------------------------------------- history */
@@ -557,4 +621,68 @@ int zn_store_history_count(zn_store* s, const char* job_id, int64_t* n) {
   int out = rc == SQLITE_ROW ? ZN_OK : db_err(s, "history_count");
   stmt_done(st);
   return out;
+}
+
+/* ---------------------------------------------------------------- checkpoints */
+
+int zn_store_add_checkpoint(zn_store* s, const Zenith__V1__Checkpoint* c) {
+  if (!c || !c->id || !c->job_id) return set_err(s, ZN_ERR_INVALID, "add_checkpoint: no id");
+  size_t len = 0;
+  int rc = pack(s, &c->base, &len);
+  if (rc != ZN_OK) return rc;
+  sqlite3_stmt* st = s->st[ST_ADD_CKPT];
+  sqlite3_bind_text(st, 1, c->id, -1, SQLITE_STATIC);
+  sqlite3_bind_text(st, 2, c->job_id, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 3, c->step);
+  sqlite3_bind_blob(st, 4, len ? (const void*)s->buf : "", (int)len, SQLITE_STATIC);
+  rc = sqlite3_step(st) == SQLITE_DONE ? ZN_OK : db_err(s, "add_checkpoint");
+  stmt_done(st);
+  return rc;
+}
+
+int zn_store_list_checkpoints(zn_store* s, const char* job_id, Zenith__V1__Checkpoint*** out,
+                              size_t* n) {
+  *out = NULL;
+  *n = 0;
+  sqlite3_stmt* st = s->st[ST_LIST_CKPT];
+  sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+  size_t cap = 0;
+  int rc = ZN_OK, step;
+  while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+    const uint8_t* data = sqlite3_column_blob(st, 1);
+    size_t len = (size_t)sqlite3_column_bytes(st, 1);
+    Zenith__V1__Checkpoint* c =
+        zenith__v1__checkpoint__unpack(NULL, len, data ? data : (const uint8_t*)"");
+    if (!c) { /* as for history rows: one damaged record does not hide the others */
+      ZN_ERROR("%s: checkpoint record %s of job %s is damaged and skipped", s->path,
+               (const char*)sqlite3_column_text(st, 0), job_id);
+      continue;
+    }
+    if (*n == cap) {
+      cap = cap ? 2 * cap : 8;
+      *out = realloc(*out, cap * sizeof **out);
+    }
+    (*out)[(*n)++] = c;
+  }
+  if (step != SQLITE_DONE) rc = db_err(s, "list_checkpoints");
+  stmt_done(st);
+  if (rc != ZN_OK) {
+    zn_store_free_checkpoints(*out, *n);
+    *out = NULL;
+    *n = 0;
+  }
+  return rc;
+}
+
+void zn_store_free_checkpoints(Zenith__V1__Checkpoint** c, size_t n) {
+  for (size_t i = 0; i < n; i++) zenith__v1__checkpoint__free_unpacked(c[i], NULL);
+  free(c);
+}
+
+int zn_store_remove_checkpoint(zn_store* s, const char* id) {
+  sqlite3_stmt* st = s->st[ST_REMOVE_CKPT];
+  sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+  int rc = sqlite3_step(st) == SQLITE_DONE ? ZN_OK : db_err(s, "remove_checkpoint");
+  stmt_done(st);
+  return rc;
 }

@@ -163,6 +163,10 @@ int gpu_train_create(const gpu_train_config* cfg, const zn_dataset* train, const
   if (rc == ZN_OK) rc = init_params(g, err, errlen);
   if (rc == ZN_OK) rc = upload_data(g, train, test, err, errlen);
   if (rc == ZN_OK) rc = alloc_state(g, err, errlen);
+  /* The uploads, the momentum's clearing and the step's initial state went through the legacy
+   * default stream (a pageable cudaMemcpy may return before its DMA lands), which the
+   * non-blocking training stream does not wait for: finish them before any step reads them. */
+  if (rc == ZN_OK) rc = cuda_ok(cudaDeviceSynchronize(), "setting up the GPU state", err, errlen);
   if (rc != ZN_OK) {
     gpu_train_destroy(g);
     return rc;
@@ -192,6 +196,14 @@ void* gpu_train_stream(gpu_train* g) {
 }
 
 void gpu_train_set_comm(gpu_train* g, zn_comm* comm) {
+  /* A captured step holds the old communicator's allreduce, and NCCL will not destroy a
+   * communicator while a graph that uses it exists (ncclCommDestroy waits for it): drop the
+   * graph. An in-flight launch of it finishes first; the next step captures it again. */
+  if (g->graph) {
+    cudaGraphExecDestroy(g->graph);
+    g->graph = NULL;
+    g->graph_state = 0;
+  }
   g->comm = comm;
 }
 
@@ -230,8 +242,31 @@ static int queue_body(gpu_train* g, char* err, size_t errlen) {
   return ZN_OK;
 }
 
-/* Captures the body as a graph; on failure the step runs without one from now on. */
-static void capture_graph(gpu_train* g) {
+/* Whether every rank captured the step: NCCL requires a collective to be launched from a graph
+ * on all ranks or on none, so a capture that failed anywhere turns the graph off everywhere. All
+ * ranks capture at the same step, so they all vote here, in the same place of the stream. */
+static int agree_on_graph(gpu_train* g, int* captured, char* err, size_t errlen) {
+  if (!g->comm || zn_comm_size(g->comm) <= 1) return ZN_OK;
+  double votes = *captured ? 1.0 : 0.0; /* pageable: staged by the call, so a local will do */
+  int rc = cuda_ok(
+      cudaMemcpyAsync(g->eval_sums, &votes, sizeof votes, cudaMemcpyHostToDevice, g->stream),
+      "the graph vote", err, errlen);
+  if (rc == ZN_OK && zn_comm_allreduce_sum_f64(g->comm, g->eval_sums, 1) != ZN_OK) {
+    snprintf(err, errlen, "agreeing on the step's graph: %s", zn_comm_error(g->comm));
+    return ZN_ERR_COMM;
+  }
+  if (rc == ZN_OK)
+    rc = cuda_ok(
+        cudaMemcpyAsync(&votes, g->eval_sums, sizeof votes, cudaMemcpyDeviceToHost, g->stream),
+        "the graph vote", err, errlen);
+  if (rc == ZN_OK) rc = cuda_ok(cudaStreamSynchronize(g->stream), "the graph vote", err, errlen);
+  if (rc == ZN_OK) *captured = votes == (double)zn_comm_size(g->comm);
+  return rc;
+}
+
+/* Captures the body as a graph; where it fails (here or on another rank) the step runs without
+ * one from now on. Only the ranks' vote on it can fail the step. */
+static int capture_graph(gpu_train* g, char* err, size_t errlen) {
   char why[512] = "";
   cudaGraph_t graph = NULL;
   cudaError_t e = cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal);
@@ -242,20 +277,35 @@ static void capture_graph(gpu_train* g) {
   }
   if (e == cudaSuccess && rc == ZN_OK) e = cudaGraphInstantiate(&g->graph, graph, 0);
   if (graph) cudaGraphDestroy(graph);
-  if (e == cudaSuccess && rc == ZN_OK) {
+  int captured = e == cudaSuccess && rc == ZN_OK;
+  if (!captured) {
+    cudaGetLastError(); /* the failed capture's error is handled here, not by the next call */
+    g->graph = NULL;
+  }
+  int everywhere = captured;
+  int voted = agree_on_graph(g, &everywhere, err, errlen);
+  if (voted == ZN_OK && everywhere) {
     g->graph_state = 1;
     ZN_INFO("training step captured as a CUDA graph");
-    return;
+    return ZN_OK;
   }
-  cudaGetLastError(); /* the failed capture's error is handled here, not by the next call */
+  if (captured) {
+    cudaGraphExecDestroy(g->graph);
+    g->graph = NULL;
+    snprintf(why, sizeof why, "another rank's capture failed");
+  }
   g->graph_state = -1;
-  g->graph = NULL;
+  if (voted != ZN_OK) return voted;
   ZN_WARN("CUDA graph capture failed (%s): steps run without a graph",
           e != cudaSuccess ? cudaGetErrorString(e) : why);
+  return ZN_OK;
 }
 
 static int queue_graph_or_body(gpu_train* g, char* err, size_t errlen) {
-  if (g->graph_state == 0 && g->queued > 0) capture_graph(g);
+  if (g->graph_state == 0 && g->queued > 0) {
+    int rc = capture_graph(g, err, errlen);
+    if (rc != ZN_OK) return rc;
+  }
   if (g->graph_state == 1)
     return cuda_ok(cudaGraphLaunch(g->graph, g->stream), "launching the step's graph", err, errlen);
   return queue_body(g, err, errlen);
@@ -329,19 +379,25 @@ static int drain(gpu_train* g, char* err, size_t errlen) {
   return rc;
 }
 
-int gpu_train_start_epoch(gpu_train* g, const uint32_t* perm, int count, char* err, size_t errlen) {
+int gpu_train_start_epoch(gpu_train* g, const uint32_t* perm, int count, int64_t first_step,
+                          char* err, size_t errlen) {
   if (count != g->train_count) {
     snprintf(err, errlen, "an order of %d images for a training set of %d", count, g->train_count);
     return ZN_ERR_INVALID;
   }
   int rc = drain(g, err, errlen);
+  /* On the training stream: a plain cudaMemcpy runs on the legacy stream, which the next step's
+   * gather would not wait for, and from pageable memory it may return before its DMA lands. The
+   * host buffer is free again on return (pageable memory is staged by the call). */
   if (rc == ZN_OK)
-    rc =
-        cuda_ok(cudaMemcpy(g->perm, perm, (size_t)count * sizeof(uint32_t), cudaMemcpyHostToDevice),
-                "copying the epoch's order", err, errlen);
+    rc = cuda_ok(cudaMemcpyAsync(g->perm, perm, (size_t)count * sizeof(uint32_t),
+                                 cudaMemcpyHostToDevice, g->stream),
+                 "copying the epoch's order", err, errlen);
   if (rc == ZN_OK)
-    rc = cuda_ok(cudaMemsetAsync(g->cursor, 0, sizeof(int64_t), g->stream), "the cursor", err,
-                 errlen);
+    rc = cuda_ok(cudaMemcpyAsync(g->cursor, &first_step, sizeof first_step, cudaMemcpyHostToDevice,
+                                 g->stream),
+                 "the cursor", err, errlen);
+  if (rc == ZN_OK) rc = cuda_ok(cudaStreamSynchronize(g->stream), "the cursor", err, errlen);
   return rc;
 }
 
@@ -378,11 +434,32 @@ int gpu_train_evaluate(gpu_train* g, double* loss, double* accuracy, char* err, 
   return ZN_OK;
 }
 
-int gpu_train_get_params(gpu_train* g, float* host, char* err, size_t errlen) {
+int gpu_train_get_state(gpu_train* g, float* params, float* momentum, zn_zenith_state* state,
+                        char* err, size_t errlen) {
   int rc = drain(g, err, errlen);
-  if (rc == ZN_OK && zn_gpu_model_get_params(g->model, host) != ZN_OK) {
-    snprintf(err, errlen, "copying the parameters from the GPU failed");
+  if (rc == ZN_OK && zn_gpu_model_get_params(g->model, params) != ZN_OK) {
+    snprintf(err, errlen, "copying the parameters from the GPU: %s", zn_gpu_model_error(g->model));
     rc = ZN_ERR_IO;
   }
+  if (rc == ZN_OK)
+    rc = cuda_ok(cudaMemcpy(momentum, g->momentum, g->n * sizeof(float), cudaMemcpyDeviceToHost),
+                 "copying the momentum from the GPU", err, errlen);
+  if (rc == ZN_OK && zn_cuda_step_read(g->step, state, NULL, NULL, g->stream) != ZN_OK)
+    rc = failed("copying the ZENITH state from the GPU", err, errlen);
+  return rc;
+}
+
+int gpu_train_set_state(gpu_train* g, const float* params, const float* momentum,
+                        const zn_zenith_state* state, char* err, size_t errlen) {
+  int rc = drain(g, err, errlen);
+  if (rc == ZN_OK && zn_gpu_model_set_params(g->model, params) != ZN_OK) {
+    snprintf(err, errlen, "copying the parameters to the GPU: %s", zn_gpu_model_error(g->model));
+    rc = ZN_ERR_IO;
+  }
+  if (rc == ZN_OK)
+    rc = cuda_ok(cudaMemcpy(g->momentum, momentum, g->n * sizeof(float), cudaMemcpyHostToDevice),
+                 "copying the momentum to the GPU", err, errlen);
+  if (rc == ZN_OK && zn_cuda_step_write(g->step, state, g->stream) != ZN_OK)
+    rc = failed("copying the ZENITH state to the GPU", err, errlen);
   return rc;
 }

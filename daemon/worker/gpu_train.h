@@ -7,7 +7,8 @@
  *
  * After a first step run directly (it warms up cuBLAS, cuDNN and NCCL), the step can be captured
  * once as a CUDA graph and replayed: one launch per step instead of some twenty. A capture that
- * fails falls back to direct launches for the rest of the run, with a warning.
+ * fails falls back to direct launches for the rest of the run, with a warning, on every rank:
+ * the ranks vote on it, as NCCL needs a collective graph-launched everywhere or nowhere.
  *
  * The stop flag rides in the allreduce as in the CPU trainer, so all ranks see it at the same
  * step; as results arrive one step late, every rank also runs the one step queued after it. */
@@ -50,15 +51,19 @@ int gpu_train_create(const gpu_train_config* cfg, const zn_dataset* train, const
 void gpu_train_destroy(gpu_train* g);
 
 /* The stream (a cudaStream_t) to create the NCCL communicator on, and the communicator to use
- * (NULL, or one of size 1, in a world of one). */
+ * (NULL, or one of size 1, in a world of one). Setting it drops a step graph captured with the
+ * previous one: set NULL before destroying a communicator, which NCCL refuses to do (it waits)
+ * while a graph still uses it. */
 void* gpu_train_stream(gpu_train* g);
 void gpu_train_set_comm(gpu_train* g, zn_comm* comm);
 
 size_t gpu_train_num_params(const gpu_train* g);
 
 /* Waits for every queued step (their results stay readable with gpu_train_next_result), then
- * uploads the epoch's order of the training set and rewinds the step cursor. */
-int gpu_train_start_epoch(gpu_train* g, const uint32_t* perm, int count, char* err, size_t errlen);
+ * uploads the epoch's order of the training set and sets the step cursor to first_step, the
+ * epoch's step the next one is (0, or where a resumed checkpoint stopped). */
+int gpu_train_start_epoch(gpu_train* g, const uint32_t* perm, int count, int64_t first_step,
+                          char* err, size_t errlen);
 
 /* Queues one step; stop is this rank's vote to stop there. At most two steps are in flight:
  * take a result before queueing a third. */
@@ -74,7 +79,12 @@ int gpu_train_next_result(gpu_train* g, gpu_step_result* out, char* err, size_t 
  * taken (no step in flight). */
 int gpu_train_evaluate(gpu_train* g, double* loss, double* accuracy, char* err, size_t errlen);
 
-/* Copies the parameters to the host (num_params floats). */
-int gpu_train_get_params(gpu_train* g, float* host, char* err, size_t errlen);
+/* The training state, for a checkpoint and back from one: parameters and momentum (num_params
+ * floats each, zn_model's layout) and the ZENITH state (state->window: params.window doubles of
+ * host memory). Both wait for the queued steps first. */
+int gpu_train_get_state(gpu_train* g, float* params, float* momentum, zn_zenith_state* state,
+                        char* err, size_t errlen);
+int gpu_train_set_state(gpu_train* g, const float* params, const float* momentum,
+                        const zn_zenith_state* state, char* err, size_t errlen);
 
 #endif

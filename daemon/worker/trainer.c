@@ -45,6 +45,8 @@ static int post_report(run* r, Zenith__V1__ReportMetricsRequest* req, const char
                        int* cancel) {
   req->worker_id = (char*)r->t->env.worker_id;
   req->job_id = r->t->asg->job_id;
+  req->has_attempt = 1;
+  req->attempt = r->t->asg->attempt;
   ProtobufCMessage* msg;
   zn_rpc_status st;
   int rc =
@@ -54,7 +56,9 @@ static int post_report(run* r, Zenith__V1__ReportMetricsRequest* req, const char
     ZN_WARN("%s report failed: %s %s", what, zn_rpc_code_name(st.code), st.message);
     return rc;
   }
-  *cancel = ((Zenith__V1__ReportMetricsResponse*)msg)->cancel;
+  const Zenith__V1__ReportMetricsResponse* resp = (const void*)msg;
+  *cancel = resp->cancel;
+  if (resp->checkpoint_request > 0) trainer_request_checkpoint(r->t, resp->checkpoint_request);
   protobuf_c_message_free_unpacked(msg, NULL);
   return ZN_OK;
 }
@@ -69,11 +73,15 @@ int trainer_send_report(run* r) {
     req.has_total_steps = 1;
     req.total_steps = r->total_steps;
   }
+  if (!r->refused_reported) {
+    req.n_refused_checkpoints = r->n_refused;
+    req.refused_checkpoints = r->refused;
+  }
   int cancel = 0;
   int rc = post_report(r, &req, "metrics", &cancel);
   free(ptrs);
   if (rc != ZN_OK) return rc;
-  r->reported_total = 1;
+  r->reported_total = r->refused_reported = 1;
   r->n_pending = 0;
   if (cancel) trainer_request_stop(r->t, 1, "the coordinator ended the job");
   return ZN_OK;
@@ -193,7 +201,7 @@ static int build_model(run* r) {
     return ZN_ERR_NOMEM;
   }
   zn_zenith_state_init(&r->params, &r->state, r->window);
-  return ZN_OK;
+  return trainer_resume(r);
 }
 
 static int join_peers(run* r) {
@@ -248,7 +256,8 @@ static int evaluate(run* r, double* loss, double* accuracy) {
 static int train_step(run* r, int64_t t, int* stop_out) {
   int64_t in_epoch = t % r->steps_per_epoch;
   int epoch = (int)(t / r->steps_per_epoch);
-  if (in_epoch == 0) zn_data_permutation(r->perm, (uint32_t)r->train.count, r->spec->seed, epoch);
+  if (in_epoch == 0 || t == r->start_step)
+    zn_data_permutation(r->perm, (uint32_t)r->train.count, r->spec->seed, epoch);
   const uint32_t* mine = r->perm + in_epoch * r->spec->batch_size + r->rank * r->local_batch;
   gather_batch(r, mine, r->local_batch);
 
@@ -277,12 +286,31 @@ static int train_step(run* r, int64_t t, int* stop_out) {
   return ZN_OK;
 }
 
+void trainer_checkpoint_if_leaving(run* r) {
+  /* Leaving on SIGTERM (the worker is being taken away): a checkpoint first, so the job goes on
+   * elsewhere from here rather than from the last scheduled one. Any rank can write it. */
+  if (atomic_load(&r->t->stop) == 2 && trainer_checkpoint(r, 0) == ZN_OK) r->preempted = 1;
+}
+
+/* After a step: rank 0 writes the scheduled checkpoint, or the one the coordinator asked for. */
+static void maybe_checkpoint(run* r) {
+  if (r->rank != 0) return;
+  int every = r->spec->checkpoint_every;
+  int64_t request = atomic_load(&r->t->checkpoint_request);
+  int scheduled = every > 0 && r->state.step % every == 0;
+  int asked = request > r->checkpoint_answered;
+  if (!scheduled && !asked) return;
+  if (trainer_checkpoint(r, asked ? request : 0) == ZN_OK && asked)
+    r->checkpoint_answered = request;
+}
+
 static int run_loop(run* r, double* test_loss, double* test_accuracy) {
   int stop = 0;
   r->last_report = zn_mono_sec();
-  for (int64_t t = 0; t < r->total_steps && !stop; t++) {
+  for (int64_t t = r->start_step; t < r->total_steps && !stop; t++) {
     int rc = train_step(r, t, &stop);
     if (rc != ZN_OK) return rc;
+    if (!stop) maybe_checkpoint(r);
     int every = r->spec->eval_every;
     if (!stop && every > 0 && (t + 1) % every == 0 && t + 1 < r->total_steps) {
       double loss, acc;
@@ -292,7 +320,12 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
     }
   }
   if (r->rank == 0 && r->n_pending) trainer_send_report(r);
-  if (stop) return ZN_ERR_CANCELLED;
+  if (stop) {
+    trainer_checkpoint_if_leaving(r);
+    return ZN_ERR_CANCELLED;
+  }
+  /* The trained model is kept: a final checkpoint, unless the last step just wrote one. */
+  if (r->rank == 0 && r->last_checkpoint_step != r->state.step) trainer_checkpoint(r, 0);
   int rc = evaluate(r, test_loss, test_accuracy);
   if (rc == ZN_OK && r->rank == 0)
     trainer_report_eval(r, r->state.step, *test_loss, *test_accuracy);
@@ -306,12 +339,17 @@ static void finish(run* r, int rc, double test_loss, double test_accuracy) {
   Zenith__V1__FinishJobRequest req = ZENITH__V1__FINISH_JOB_REQUEST__INIT;
   req.worker_id = (char*)t->env.worker_id;
   req.job_id = t->asg->job_id;
-  req.has_ok = req.has_steps = 1;
+  req.has_ok = req.has_steps = req.has_attempt = 1;
+  req.attempt = t->asg->attempt;
   req.ok = rc == ZN_OK;
+  req.n_refused_checkpoints = r->refused_reported ? 0 : r->n_refused;
+  req.refused_checkpoints = r->refused;
   req.steps = r->state.step;
   if (rc == ZN_ERR_CANCELLED) {
     int by_coordinator = atomic_load(&t->stop) == 1;
     int asked_here = atomic_load(&t->stop) != 0;
+    req.has_preempted = 1;
+    req.preempted = r->preempted;
     req.has_cancelled = 1;
     req.cancelled = by_coordinator || !asked_here;
     if (!asked_here)
@@ -339,6 +377,8 @@ static void finish(run* r, int rc, double test_loss, double test_accuracy) {
 }
 
 static void free_run(run* r) {
+  for (size_t i = 0; i < r->n_refused; i++) free(r->refused[i]);
+  free(r->refused);
   if (r->comm) zn_comm_destroy(r->comm);
   if (r->model) zn_model_destroy(r->model);
   zn_dataset_free(&r->train);
@@ -400,6 +440,7 @@ static void* trainer_main(void* arg) {
   r.rank = t->asg->rank;
   r.world = t->asg->world_size;
   r.local_batch = r.spec->batch_size / r.world;
+  r.last_checkpoint_step = -1;
   params_from_spec(r.spec, &r.params);
   zn_log_set_context(t->asg->job_id, r.rank);
   zn_model_set_threads(threads_for(t));
@@ -443,6 +484,15 @@ void trainer_request_stop(trainer* t, int cancelled_by_coordinator, const char* 
 
 const char* trainer_job_id(const trainer* t) {
   return t->asg->job_id;
+}
+
+int trainer_attempt(const trainer* t) {
+  return t->asg->attempt;
+}
+
+void trainer_request_checkpoint(trainer* t, int64_t request) {
+  int64_t seen = atomic_load(&t->checkpoint_request);
+  if (request > seen) atomic_store(&t->checkpoint_request, request);
 }
 
 void trainer_destroy(trainer* t) {

@@ -30,6 +30,9 @@ trainer* trainer_start(const Zenith__V1__Assignment* assignment, const trainer_e
 /* Asks the job to stop at the next step boundary, on every rank together. */
 void trainer_request_stop(trainer* t, int cancelled_by_coordinator, const char* why);
 const char* trainer_job_id(const trainer* t);
+int trainer_attempt(const trainer* t);
+/* The coordinator asks for a checkpoint (request id > 0); rank 0 writes it after its next step. */
+void trainer_request_checkpoint(trainer* t, int64_t request);
 /* Joins the thread (after on_done) and frees it. */
 void trainer_destroy(trainer* t);
 

@@ -21,6 +21,7 @@ struct trainer {
   pthread_t thread;
   atomic_int stop; /* asked to stop: 1 by the coordinator, 2 by the worker */
   char stop_reason[256];
+  _Atomic int64_t checkpoint_request; /* the coordinator's latest request id; 0: none */
 };
 
 /* Everything one run of the loop owns, freed in one place. */
@@ -41,6 +42,13 @@ typedef struct {
   uint8_t* batch_y;
   uint32_t* perm;
   int64_t total_steps, steps_per_epoch;
+  int64_t start_step;           /* where the loop starts: 0, or a checkpoint's step */
+  int64_t last_checkpoint_step; /* -1 before the first */
+  int64_t checkpoint_answered;  /* the last request id answered */
+  int preempted;                /* left on SIGTERM after writing a checkpoint */
+  char** refused;               /* checkpoints refused on resume, "PATH: why" */
+  size_t n_refused;
+  int refused_reported;
   /* rank 0's metrics not yet reported */
   Zenith__V1__StepMetrics* pending;
   size_t n_pending, cap_pending;
@@ -60,6 +68,19 @@ void trainer_report_eval(run* r, int64_t step, double loss, double accuracy);
 void trainer_warn_skipped(const run* r, zn_step_outcome outcome, double norm);
 /* After an evaluation: images/s measures training, not evaluation. */
 void trainer_restart_rate_clock(run* r);
+
+/* Writes a checkpoint of the state after r->state.step steps into the assignment's checkpoint
+ * folder and reports it to the coordinator (request: the id it answers, 0 for a scheduled one).
+ * A failure is logged and returned; the job goes on. */
+int trainer_checkpoint(run* r, int64_t request);
+/* When this worker is being stopped (SIGTERM), writes a checkpoint of the current state and sets
+ * r->preempted, so the coordinator continues the job elsewhere from it. */
+void trainer_checkpoint_if_leaving(run* r);
+/* Continues from the first of the assignment's resume_from checkpoints that reads, verifies and
+ * fits this job (model, batch, seed, window): parameters, momentum and ZENITH state restored,
+ * r->start_step set. Refused ones are logged and kept in r->refused. ZN_OK also when none is
+ * usable: the run then starts from step 0. The CPU model and buffers must exist. */
+int trainer_resume(run* r);
 
 /* The GPU loop, for a cuda job on a worker with a GPU: builds the model on env.device, joins
  * the peers over NCCL, trains and evaluates. Returns like the CPU loop: ZN_OK, or

@@ -55,6 +55,7 @@ typedef struct {
   zn_rpc_status status;
   ProtobufCMessage* response;
   char job_id[64];
+  int attempt;
 } control_call;
 
 static void start_register(worker* w);
@@ -84,6 +85,8 @@ static void do_heartbeat(control_call* c) {
   Zenith__V1__HeartbeatRequest req = ZENITH__V1__HEARTBEAT_REQUEST__INIT;
   req.worker_id = c->w->worker_id;
   req.job_id = c->job_id;
+  req.has_attempt = c->job_id[0] != '\0';
+  req.attempt = c->attempt;
   c->rc = zn_rpc_unary(c->w->channel, "/zenith.v1.Workers/Heartbeat", &req.base,
                        &zenith__v1__heartbeat_response__descriptor, RPC_TIMEOUT_MS, &c->response,
                        &c->status);
@@ -184,6 +187,8 @@ static void after_heartbeat(worker* w, control_call* c) {
   }
   if (resp->cancel && w->trainer)
     trainer_request_stop(w->trainer, 1, "the job was cancelled or ended by the coordinator");
+  if (resp->checkpoint_request > 0 && w->trainer)
+    trainer_request_checkpoint(w->trainer, resp->checkpoint_request);
   if (resp->assignment && (w->trainer || w->shutting_down))
     ZN_WARN("assignment of job %s refused: this worker is %s", resp->assignment->job_id,
             w->trainer ? "still running a job" : "shutting down");
@@ -213,7 +218,10 @@ static void queue_call(worker* w, int is_register) {
   c->w = w;
   c->is_register = is_register;
   c->req.data = c;
-  if (w->trainer) snprintf(c->job_id, sizeof c->job_id, "%s", trainer_job_id(w->trainer));
+  if (w->trainer) {
+    snprintf(c->job_id, sizeof c->job_id, "%s", trainer_job_id(w->trainer));
+    c->attempt = trainer_attempt(w->trainer);
+  }
   w->call_in_flight = 1;
   uv_queue_work(w->loop, &c->req, work_cb, after_work_cb);
 }

@@ -126,8 +126,10 @@ extern "C" int zn_cuda_step_create(const zn_zenith_params* p, size_t n, zn_cuda_
   s->params = *p;
   size_t groups = (n / 4 + THREADS - 1) / THREADS;
   s->norm_blocks = groups < 1 ? 1 : (groups > MAX_NORM_BLOCKS ? MAX_NORM_BLOCKS : (int)groups);
-  int sms = 0;
-  CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "querying the GPU");
+  int sms = 0, device = 0;
+  CUDA_TRY(cudaGetDevice(&device), "querying the current GPU");
+  CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+           "querying the GPU");
   s->update_blocks = groups < 1 ? 1 : (groups > (size_t)sms * 8 ? sms * 8 : (int)groups);
 
   CUDA_TRY(cudaMalloc((void**)&s->rule, sizeof(device_rule)), "allocating the rule's state");
@@ -163,7 +165,8 @@ extern "C" int zn_cuda_step_launch(zn_cuda_step* s, float grad_scale, float* w, 
   sumsq_partial_kernel<<<s->norm_blocks, THREADS, 0, st>>>(g_sum, n, s->partials);
   rate_kernel<<<1, THREADS, 0, st>>>(s->rule, s->partials, s->norm_blocks, grad_scale);
   update_kernel<<<s->update_blocks, THREADS, 0, st>>>(s->rule, w, g_sum, v, n, grad_scale);
-  return cudaGetLastError() == cudaSuccess ? ZN_OK : ZN_ERR_IO;
+  /* Peeks rather than clears, so that the caller can still read the launch's error. */
+  return cudaPeekAtLastError() == cudaSuccess ? ZN_OK : ZN_ERR_IO;
 }
 
 extern "C" int zn_cuda_step_read(zn_cuda_step* s, zn_zenith_state* state, double* norm,
@@ -180,6 +183,23 @@ extern "C" int zn_cuda_step_read(zn_cuda_step* s, zn_zenith_state* state, double
   state->window = host_window;
   if (norm) *norm = host.report.norm;
   if (outcome) *outcome = host.report.outcome;
+  return ZN_OK;
+}
+
+extern "C" int zn_cuda_step_write(zn_cuda_step* s, const zn_zenith_state* state, void* stream) {
+  cudaStream_t st = (cudaStream_t)stream;
+  device_rule host = {};
+  host.params = s->params;
+  host.report.state = *state;
+  host.report.state.window = s->window;
+  host.report.outcome = ZN_STEP_TAKEN;
+  /* Both copies are from pageable memory, staged before the calls return; the wait keeps `host`
+   * alive until the device has it in any case. */
+  if (cudaMemcpyAsync(s->rule, &host, sizeof host, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+      cudaMemcpyAsync(s->window, state->window, (size_t)s->params.window * sizeof(double),
+                      cudaMemcpyHostToDevice, st) != cudaSuccess ||
+      cudaStreamSynchronize(st) != cudaSuccess)
+    return ZN_ERR_IO;
   return ZN_OK;
 }
 

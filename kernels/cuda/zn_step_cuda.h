@@ -47,6 +47,11 @@ int zn_cuda_step_launch(zn_cuda_step* s, float grad_scale, float* w, const float
 int zn_cuda_step_read(zn_cuda_step* s, zn_zenith_state* state, double* norm, int* outcome,
                       void* stream);
 
+/* Replaces the rule's state on the device with *state (whose window holds params.window doubles
+ * in ring order, as zn_zenith_state keeps them): how a resumed checkpoint continues. Waits for
+ * the stream. */
+int zn_cuda_step_write(zn_cuda_step* s, const zn_zenith_state* state, void* stream);
+
 /* Queues a copy of the last step's report into *host (pinned memory, so the copy is
  * asynchronous) on `stream`; it is there once the stream has passed this point. */
 int zn_cuda_step_report_async(zn_cuda_step* s, zn_cuda_step_report* host, void* stream);

@@ -324,6 +324,29 @@ static void list_of_empty_store_is_empty(void** state) {
   zn_store_close(s);
 }
 
+static void count_jobs_counts_each_state_after_updates(void** state) {
+  fixture* f = *state;
+  zn_store* s = open_ok(f->dir);
+  /* j-2 moves from QUEUED to RUNNING: it is counted once, in its latest state. */
+  const char* ids[] = {"j-1", "j-2", "j-3", "j-2"};
+  const int states[] = {ZENITH__V1__JOB_STATE__SUCCEEDED, ZENITH__V1__JOB_STATE__QUEUED,
+                        ZENITH__V1__JOB_STATE__SUCCEEDED, ZENITH__V1__JOB_STATE__RUNNING};
+  for (int i = 0; i < 4; i++) {
+    Zenith__V1__Job* j = make_job(ids[i], 1);
+    j->state = states[i];
+    EXPECT_OK(zn_store_put_job(s, j), s);
+    zenith__v1__job__free_unpacked(j, NULL);
+  }
+  int64_t counts[8];
+  EXPECT_OK(zn_store_count_jobs(s, counts, 8), s);
+  assert_int_equal(counts[ZENITH__V1__JOB_STATE__QUEUED], 0);
+  assert_int_equal(counts[ZENITH__V1__JOB_STATE__RUNNING], 1);
+  assert_int_equal(counts[ZENITH__V1__JOB_STATE__SUCCEEDED], 2);
+  assert_int_equal(counts[ZENITH__V1__JOB_STATE__FAILED], 0);
+  assert_int_equal(counts[7], 0);
+  zn_store_close(s);
+}
+
 static void job_ids_continue_after_reopen(void** state) {
   fixture* f = *state;
   char id[16];
@@ -337,6 +360,25 @@ static void job_ids_continue_after_reopen(void** state) {
   s = open_ok(f->dir);
   EXPECT_OK(zn_store_new_job_id(s, id, sizeof id), s);
   assert_string_equal(id, "j-3");
+  zn_store_close(s);
+}
+
+/* A worker that lived through a coordinator restart still uses its old id: a new registration
+ * must never be handed the same one. */
+static void worker_ids_continue_after_reopen_apart_from_job_ids(void** state) {
+  fixture* f = *state;
+  char id[32];
+  zn_store* s = open_ok(f->dir);
+  EXPECT_OK(zn_store_new_worker_id(s, id, sizeof id), s);
+  assert_string_equal(id, "w-1");
+  EXPECT_OK(zn_store_new_job_id(s, id, sizeof id), s);
+  assert_string_equal(id, "j-1");
+  EXPECT_OK(zn_store_new_worker_id(s, id, sizeof id), s);
+  assert_string_equal(id, "w-2");
+  zn_store_close(s);
+  s = open_ok(f->dir);
+  EXPECT_OK(zn_store_new_worker_id(s, id, sizeof id), s);
+  assert_string_equal(id, "w-3");
   zn_store_close(s);
 }
 
@@ -706,13 +748,104 @@ static void kill_during_appends_keeps_whole_batches(void** state) {
   }
 }
 
+/* ---------------------------------------------------------------- checkpoints */
+
+static void put_checkpoint(zn_store* s, const char* id, const char* job, int64_t step) {
+  char path[64], digest[65];
+  snprintf(path, sizeof path, "/ckpt/%s/step-%lld.safetensors", job, (long long)step);
+  for (int i = 0; i < 64; i++) digest[i] = "0123456789abcdef"[(step * 7 + i) % 16];
+  digest[64] = '\0';
+  Zenith__V1__Checkpoint c = ZENITH__V1__CHECKPOINT__INIT;
+  c.id = (char*)id;
+  c.job_id = (char*)job;
+  c.has_step = c.has_bytes = c.has_unix_ms = 1;
+  c.step = step;
+  c.path = path;
+  c.digest = digest;
+  c.bytes = 1000 + step;
+  c.unix_ms = 1700000000000 + step;
+  EXPECT_OK(zn_store_add_checkpoint(s, &c), s);
+}
+
+static void checkpoints_are_listed_per_job_in_order_and_survive_reopen(void** state) {
+  fixture* f = *state;
+  zn_store* s = open_ok(f->dir);
+  put_checkpoint(s, "c-1", "j-1", 100);
+  put_checkpoint(s, "c-2", "j-2", 50);
+  put_checkpoint(s, "c-3", "j-1", 200);
+  put_checkpoint(s, "c-4", "j-1", 300);
+  EXPECT_OK(zn_store_remove_checkpoint(s, "c-1"), s);
+  /* An id is never reused, removed or not. */
+  Zenith__V1__Checkpoint dup = ZENITH__V1__CHECKPOINT__INIT;
+  dup.id = "c-1";
+  dup.job_id = "j-1";
+  assert_int_not_equal(zn_store_add_checkpoint(s, &dup), ZN_OK);
+  zn_store_close(s);
+
+  s = open_ok(f->dir);
+  Zenith__V1__Checkpoint** list = NULL;
+  size_t n = 0;
+  EXPECT_OK(zn_store_list_checkpoints(s, "j-1", &list, &n), s);
+  assert_int_equal(n, 2);
+  assert_string_equal(list[0]->id, "c-3");
+  assert_int_equal(list[0]->step, 200);
+  assert_string_equal(list[0]->path, "/ckpt/j-1/step-200.safetensors");
+  assert_int_equal(list[0]->bytes, 1200);
+  assert_int_equal(list[0]->unix_ms, 1700000000200);
+  assert_int_equal(strlen(list[0]->digest), 64);
+  assert_string_equal(list[1]->id, "c-4");
+  assert_int_equal(list[1]->step, 300);
+  zn_store_free_checkpoints(list, n);
+  EXPECT_OK(zn_store_list_checkpoints(s, "j-9", &list, &n), s);
+  assert_int_equal(n, 0);
+  zn_store_free_checkpoints(list, n);
+  zn_store_close(s);
+}
+
+/* A database written by the first schema (no checkpoints table) is upgraded in place: its jobs
+ * stay, and checkpoints can be recorded. */
+static void version_1_database_gains_the_checkpoints_table(void** state) {
+  fixture* f = *state;
+  zn_store* s = open_ok(f->dir);
+  Zenith__V1__Job job = ZENITH__V1__JOB__INIT;
+  job.id = "j-1";
+  job.has_state = 1;
+  job.state = ZENITH__V1__JOB_STATE__FAILED;
+  EXPECT_OK(zn_store_put_job(s, &job), s);
+  zn_store_close(s);
+
+  char path[PATH_MAX];
+  snprintf(path, sizeof path, "%s/zenith.db", f->dir);
+  sqlite3* db = NULL;
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(
+      sqlite3_exec(db, "DROP TABLE checkpoints; PRAGMA user_version = 1;", NULL, NULL, NULL),
+      SQLITE_OK);
+  sqlite3_close(db);
+
+  s = open_ok(f->dir);
+  Zenith__V1__Job* got = NULL;
+  EXPECT_OK(zn_store_get_job(s, "j-1", &got), s);
+  assert_int_equal(got->state, ZENITH__V1__JOB_STATE__FAILED);
+  zenith__v1__job__free_unpacked(got, NULL);
+  put_checkpoint(s, "c-1", "j-1", 10);
+  Zenith__V1__Checkpoint** list = NULL;
+  size_t n = 0;
+  EXPECT_OK(zn_store_list_checkpoints(s, "j-1", &list, &n), s);
+  assert_int_equal(n, 1);
+  zn_store_free_checkpoints(list, n);
+  zn_store_close(s);
+}
+
 int main(int argc, char** argv) {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
   const struct CMUnitTest tests[] = {
       T(job_round_trip_keeps_every_field),
       T(list_keeps_creation_order_across_updates),
       T(list_of_empty_store_is_empty),
+      T(count_jobs_counts_each_state_after_updates),
       T(job_ids_continue_after_reopen),
+      T(worker_ids_continue_after_reopen_apart_from_job_ids),
       T(get_of_unknown_id_is_not_found),
       T(history_replays_in_append_order_after_reopen),
       T(replay_of_job_without_history_delivers_nothing),
@@ -725,6 +858,8 @@ int main(int argc, char** argv) {
       T(second_open_is_refused_while_held),
       T(missing_folders_are_created),
       T(kill_during_appends_keeps_whole_batches),
+      T(checkpoints_are_listed_per_job_in_order_and_survive_reopen),
+      T(version_1_database_gains_the_checkpoints_table),
   };
 #undef T
   if (argc > 1) {

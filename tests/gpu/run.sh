@@ -31,7 +31,8 @@ mkdir -p "$work"
 rows=()
 section() { printf '\n== %s\n' "$*"; }
 row() { rows+=("$(printf "| %s | %s | %s |" "$1" "$2" "$3")"); }
-value() { echo "$1" | sed -n "s/.*$2=\([0-9.]*\).*/\1/p" | tail -1; }
+# The number after `key=` (the benchmarks) or `key ` (zenith_torch_reference.py) in $1.
+value() { echo "$1" | sed -n "s/.*$2[= ]\([0-9.]*\).*/\1/p" | tail -1; }
 
 section "build"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -120,13 +121,20 @@ if [[ $mode == full ]]; then
   cpu_acc=$(daemon_epoch cpu)
   cpu_what="Zenith's CPU worker"
 else
-  gpu_acc=$(value "$("$bin/bench_gpu_train" --data-dir "$data" --epochs 1 --seed 1)" \
-    test_accuracy)
-  cpu_acc=$(value "$("$python" bench/zenith_torch_reference.py --epochs 1 --seed 1 \
-    --threads "$jobs" --data-dir "$data")" test_accuracy)
+  # Each run on its own line: a failure nested inside value's argument would not stop the script.
+  gpu_line=$("$bin/bench_gpu_train" --data-dir "$data" --epochs 1 --seed 1)
+  cpu_line=$("$python" bench/zenith_torch_reference.py --epochs 1 --seed 1 --threads "$jobs" \
+    --data-dir "$data")
+  echo "$gpu_line"
+  echo "$cpu_line"
+  gpu_acc=$(value "$gpu_line" test_accuracy)
+  cpu_acc=$(value "$cpu_line" test_accuracy)
   cpu_what="PyTorch on the CPU, same ZENITH"
 fi
 echo "GPU: $gpu_acc   CPU ($cpu_what): $cpu_acc"
+# awk reads a missing accuracy as 0, and two of them would pass the comparison.
+[[ -n "$gpu_acc" && -n "$cpu_acc" ]] ||
+  { echo "run.sh: FAIL: an epoch reported no test accuracy"; exit 1; }
 row "cnn, 1 epoch, test accuracy ($data_kind)" "GPU $gpu_acc" "CPU $cpu_acc ($cpu_what)"
 awk -v g="$gpu_acc" -v c="$cpu_acc" \
   'BEGIN { d = g - c; if (d < 0) d = -d; if (d > 0.015) { print "FAIL: accuracies differ by " \

@@ -58,6 +58,17 @@ def wait_until(predicate, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+def read_port_file(path):
+    """The port a daemon wrote to path (--port-file, --metrics-port-file), or None until the
+    whole line is there."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.endswith("\n") else None
+
+
 # ---------------------------------------------------------------- gRPC stubs
 
 _stubs = None
@@ -245,13 +256,14 @@ class Cluster:
     def addr(self):
         return "127.0.0.1:%d" % self.port
 
-    def start_coordinator(self, port=0):
-        """Starts (or restarts) the coordinator on the cluster's state folder."""
+    def start_coordinator(self, port=0, extra_args=()):
+        """Starts (or restarts) the coordinator on the cluster's state folder; extra_args go on
+        its command line."""
         self._coordinator_starts += 1
         n = self._coordinator_starts
         port_file = os.path.join(self.dir, "port-%d" % n)
         args = [os.path.join(BIN, "zenithd"), "coordinator", "--listen", "127.0.0.1:%d" % port,
-                "--state", self.state_dir, "--port-file", port_file]
+                "--state", self.state_dir, "--port-file", port_file] + list(extra_args)
         if self.heartbeat_ms is not None:
             args += ["--heartbeat-ms", str(self.heartbeat_ms)]
         if self.worker_timeout_ms is not None:
@@ -264,12 +276,7 @@ class Cluster:
             if not self.coordinator.running():
                 raise AssertionError("the coordinator exited (%s) before it listened:\n%s"
                                      % (self.coordinator.proc.returncode, self.coordinator.tail()))
-            try:
-                with open(port_file) as f:
-                    text = f.read()
-            except FileNotFoundError:
-                return None
-            return int(text) if text.endswith("\n") else None
+            return read_port_file(port_file)
 
         self.port = wait_until(port_written, 30, "the coordinator's port file")
         self._close_channel()
@@ -405,6 +412,13 @@ class Cluster:
             kind = item.WhichOneof("item")
             items.append((kind, getattr(item, kind)))
         return items
+
+    def watch_until_now(self, job_id, timeout=30):
+        """A job's history so far (WatchJob with history_only), for a job still running too."""
+        pb2, _ = stubs()
+        req = pb2.WatchJobRequest(id=job_id, history_only=True)
+        return [(item.WhichOneof("item"), getattr(item, item.WhichOneof("item")))
+                for item in self.stub.WatchJob(req, timeout=scaled(timeout))]
 
 
 def metrics_of(items):

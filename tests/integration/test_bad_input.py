@@ -262,7 +262,8 @@ class BadInput(harness.ClusterTestCase):
         items = self.c.watch(self.before.id, timeout=30)
         self.assertEqual([m.step for m in metrics_of(items)], list(range(1, BEFORE_STEPS + 1)))
         events = [e.kind for k, e in items if k == "event"]
-        self.assertEqual(events, ["submitted", "started", "succeeded"])
+        # One checkpoint: with checkpoint_every at its default (500), the one at the end.
+        self.assertEqual(events, ["submitted", "started", "checkpoint", "succeeded"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Jobs that end before their time: cancelled by a user, or losing a worker to SIGKILL or
 SIGTERM; and a coordinator restart, which must keep what the coordinator has recorded.
 
+The long job here allows no automatic restart (max_restarts 0), so a lost worker fails it as
+it would once its restarts are used up; restarts themselves are tested in test_checkpoints.py
+(fake workers) and test_recovery.py (real ones). A worker stopped by SIGTERM leaves after a
+checkpoint, and its job goes back to the queue (a preemption, which no max_restarts limits).
+
 Heartbeats are fast here (every 200 ms, a worker lost after 2 s of silence), so a
 lost worker is noticed within a few seconds. After each failure the test checks
 that the workers left standing are free: a new job is scheduled on them and
@@ -18,7 +23,7 @@ from harness import metrics_of, state_name, stubs  # noqa: E402
 
 HEARTBEAT_MS = 200
 WORKER_TIMEOUT_MS = 2000
-LONG_JOB = dict(model="mlp", workers=2, max_steps=1000000, name="long")
+LONG_JOB = dict(model="mlp", workers=2, max_steps=1000000, max_restarts=0, name="long")
 
 
 class CancelAndLost(harness.ClusterTestCase):
@@ -93,16 +98,24 @@ class CancelAndLost(harness.ClusterTestCase):
         self.assertEqual(state_name(c.wait_final(job.id, timeout=10).state), "FAILED")
         self.assert_small_job_succeeds(c, 1, on=[survivor])
 
-    def test_sigterm_of_worker_fails_job_naming_it_and_frees_the_other(self):
+    def test_sigterm_of_worker_requeues_job_naming_it_and_frees_the_other(self):
         c = self.two_worker_cluster()
         job, victim, other = self.kill_rank_1(c, signal.SIGTERM)
-        failed = c.wait_final(job.id, timeout=10)
-        self.assertEqual(state_name(failed.state), "FAILED")
-        self.assertIn("worker %s" % victim, failed.error)
-        self.assertIn("SIGTERM", failed.error)
         self.assertEqual(c.workers[victim].wait_exit(10), 0, "exit code of the SIGTERMed worker")
+        queued = c.wait_state(job.id, "QUEUED", timeout=10)
+        self.assertEqual(queued.restarts, 0, "a preemption is not a restart")
+        pb2, _ = stubs()
+        history = c.stub.WatchJob(pb2.WatchJobRequest(id=job.id, history_only=True),
+                                  timeout=harness.scaled(10))
+        preempted = [i.event.message for i in history
+                     if i.WhichOneof("item") == "event" and i.event.kind == "preempted"]
+        self.assertEqual(len(preempted), 1)
+        self.assertIn("worker %s (rank 1) left on SIGTERM after a checkpoint" % victim,
+                      preempted[0])
 
+        # The job waits for a second worker; the one left takes a smaller job meanwhile.
         self.assert_small_job_succeeds(c, 1, on=[other])
+        self.assertEqual(state_name(c.get(job.id).state), "QUEUED")
 
     def test_coordinator_restart_keeps_job_list_and_history(self):
         c = self.new_cluster(heartbeat_ms=HEARTBEAT_MS, worker_timeout_ms=WORKER_TIMEOUT_MS)
