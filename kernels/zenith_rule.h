@@ -1,7 +1,7 @@
 /* The ZENITH rate rule: from the global norm n_t of the reduced gradient to the learning rate
- * eta_t, exactly as /work/shared/ZENITH.md (steps 2-5) defines it. The rule keeps O(W) scalars:
- * a ring of the last W norms, their running sum, the largest windowed mean seen so far and two
- * counters. It is header-only and free of libc beyond <math.h> so that the CPU step, the CUDA
+ * eta_t, exactly as docs/optimizer.md (steps 2-5 of "One step") defines it. The rule keeps O(W)
+ * scalars: a ring of the last W norms, their running sum, the largest windowed mean seen so far and
+ * two counters. It is header-only and free of libc beyond <math.h> so that the CPU step, the CUDA
  * step and the checkpoint code all run the very same arithmetic; every worker feeds it the same
  * reduced norm and therefore computes the same rate without talking to the others. */
 #ifndef ZN_ZENITH_RULE_H
@@ -16,7 +16,7 @@
 #define ZN_HD
 #endif
 
-/* Hyper-parameters; names and meanings as in the table of ZENITH.md. */
+/* Hyper-parameters; names and meanings as in the table of docs/optimizer.md. */
 typedef struct {
   double lr0;             /* eta0: initial and largest rate */
   int window;             /* W >= 1: norms in the sliding window */
@@ -87,9 +87,9 @@ static inline ZN_HD double zn_zenith_window_at(const zn_zenith_params* p, const 
 /* One application of steps 2-5 for step t = s->step + 1 with global gradient norm `norm`.
  *
  * The spike guard is armed once the window holds W norms. With no skipped steps this is exactly
- * ZENITH.md's "t > W"; after a skip, t runs ahead of the window, and waiting for a full window
- * keeps the guard's premise (M_{t-1} is the peak of full-window means) true rather than judging
- * a norm against a mean of fewer than W entries.
+ * docs/optimizer.md's "t > W"; after a skip, t runs ahead of the window, and waiting for a full
+ * window keeps the guard's premise (M_{t-1} is the peak of full-window means) true rather than
+ * judging a norm against a mean of fewer than W entries.
  *
  * The running sum is updated by subtracting the evicted norm and then adding the new one, in that
  * order, so a restored checkpoint reproduces it bit for bit. Its rounding drift can at worst make

@@ -12,8 +12,8 @@
 /* Sum of g[i]^2 accumulated in double precision; deterministic for a given n and g. */
 double zn_sumsq(const float* g, size_t n);
 
-/* ZENITH.md step 6 in one pass over n parameters, with g = grad_scale * g_sum and eta_t = lr.
- * w, g_sum and v must not overlap. */
+/* Step 6 of docs/optimizer.md in one pass over n parameters, with g = grad_scale * g_sum and eta_t
+ * = lr. w, g_sum and v must not overlap. */
 void zn_step_apply(const zn_zenith_params* p, double lr, float grad_scale, float* w,
                    const float* g_sum, float* v, size_t n);
 

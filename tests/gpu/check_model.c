@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check_cuda.h"
 #include "zn_err.h"
 #include "zn_gpu_model.h"
 #include "zn_model.h"
@@ -51,15 +52,6 @@ enum { IMG = 28 * 28, CLASSES = 10, MAX_BATCH = 64, MAX_SEEDS = 200 };
 #define UNIT_ROUNDOFF 0x1p-24
 
 static int failures;
-
-#define CHECK_CUDA(expr)                                                                     \
-  do {                                                                                       \
-    cudaError_t e_ = (expr);                                                                 \
-    if (e_ != cudaSuccess) {                                                                 \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      exit(1);                                                                               \
-    }                                                                                        \
-  } while (0)
 
 static const char* verdict(int ok) {
   if (!ok) failures++;

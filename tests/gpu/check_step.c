@@ -13,19 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check_cuda.h"
 #include "zn_step.h"
 #include "zn_step_cuda.h"
 
 static int failures;
-
-#define CHECK_CUDA(expr)                                                                     \
-  do {                                                                                       \
-    cudaError_t e_ = (expr);                                                                 \
-    if (e_ != cudaSuccess) {                                                                 \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      exit(1);                                                                               \
-    }                                                                                        \
-  } while (0)
 
 /* Three device buffers of n floats (weights, gradient, momentum), zeroed. */
 static void device_buffers(size_t n, float** w, float** g, float** v) {

@@ -1,6 +1,6 @@
-/* Tests of the ZENITH rate rule (kernels/zenith_rule.h) against ZENITH.md: its worked example row
- * by row, the non-finite and spike skips, the lr_min floor, the bound eta_t <= eta0, and the
- * checkpoint contract that a window restored in order continues the same eta_t sequence. */
+/* Tests of the ZENITH rate rule (kernels/zenith_rule.h) against docs/optimizer.md: its worked
+ * example row by row, the non-finite and spike skips, the lr_min floor, the bound eta_t <= eta0,
+ * and the checkpoint contract that a window restored in order continues the same eta_t sequence. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -28,7 +28,8 @@ static zn_zenith_params example_params(void) {
   return p;
 }
 
-/* One row of ZENITH.md's worked example; lr_tol is 0 where the table's value is exact. */
+/* One row of the worked example in docs/optimizer.md; lr_tol is 0 where the table's value is exact.
+ */
 typedef struct {
   double norm;
   int outcome;

@@ -1,6 +1,6 @@
 /* Tests of the fused CPU step (kernels/zn_step.c) against independent double-precision scalar
- * references: the update of ZENITH.md step 6 for every combination of Nesterov and decay kind,
- * the double-accumulated sum of squares, and the whole step including its non-finite skip.
+ * references: the update of step 6 in docs/optimizer.md for every combination of Nesterov and decay
+ * kind, the double-accumulated sum of squares, and the whole step including its non-finite skip.
  *
  * Error bound for the update: the kernel works in float (with lr, mu and the decays rounded to
  * float once), about ten roundings of 2^-24 each along the longest chain. Each result must be
