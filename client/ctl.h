@@ -12,7 +12,11 @@ typedef struct {
   const char* coordinator;
   int argc; /* argv[0] is the command's name */
   char** argv;
+  const zn_rpc_client_opts* rpc; /* TLS and token, from ctl_config */
 } ctl_args;
+
+/* The channel every command uses: the coordinator, secured as configured. */
+zn_rpc_channel* ctl_open_channel(const ctl_args* a);
 
 int ctl_submit(const ctl_args* a);
 int ctl_list(const ctl_args* a);

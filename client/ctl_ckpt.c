@@ -123,7 +123,7 @@ int ctl_checkpoint(const ctl_args* a) {
 
   Zenith__V1__CheckpointRequest req = ZENITH__V1__CHECKPOINT_REQUEST__INIT;
   req.id = (char*)job;
-  zn_rpc_channel* ch = zn_rpc_channel_open(a->coordinator, 0);
+  zn_rpc_channel* ch = ctl_open_channel(a);
   ProtobufCMessage* msg = NULL;
   zn_rpc_status st;
   int rc = zn_rpc_unary(ch, "/zenith.v1.Zenith/CheckpointJob", &req.base,

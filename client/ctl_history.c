@@ -64,7 +64,7 @@ static int index_items(ctl_job_history* h) {
 
 int ctl_history_fetch(const ctl_args* a, const char* id, ctl_job_history* h) {
   memset(h, 0, sizeof *h);
-  zn_rpc_channel* ch = zn_rpc_channel_open(a->coordinator, 0);
+  zn_rpc_channel* ch = ctl_open_channel(a);
   Zenith__V1__WatchJobRequest req = ZENITH__V1__WATCH_JOB_REQUEST__INIT;
   req.id = (char*)id;
   req.has_history_only = 1;

@@ -11,9 +11,13 @@
 #include "ctl.h"
 #include "zn_err.h"
 
+zn_rpc_channel* ctl_open_channel(const ctl_args* a) {
+  return zn_rpc_channel_open_with(a->coordinator, 0, a->rpc);
+}
+
 ProtobufCMessage* ctl_call(const ctl_args* a, const char* method, const ProtobufCMessage* req,
                            const ProtobufCMessageDescriptor* resp_type) {
-  zn_rpc_channel* ch = zn_rpc_channel_open(a->coordinator, 0);
+  zn_rpc_channel* ch = ctl_open_channel(a);
   ProtobufCMessage* resp = NULL;
   zn_rpc_status st;
   if (zn_rpc_unary(ch, method, req, resp_type, CTL_TIMEOUT_MS, &resp, &st) != ZN_OK) {

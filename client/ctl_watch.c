@@ -275,7 +275,7 @@ int ctl_watch_job(const ctl_args* a, const char* id) {
   v.started = zn_mono_sec();
   snprintf(v.id, sizeof v.id, "%s", id);
 
-  zn_rpc_channel* ch = zn_rpc_channel_open(a->coordinator, 0);
+  zn_rpc_channel* ch = ctl_open_channel(a);
   Zenith__V1__WatchJobRequest req = ZENITH__V1__WATCH_JOB_REQUEST__INIT;
   req.id = (char*)id;
   zn_rpc_stream* st = NULL;

@@ -1,5 +1,6 @@
 /* zenithctl: the command-line client of a Zenith coordinator.
  *
+ *   zenithctl [-v] [--coordinator ADDR] [--token T] [--ca FILE] [--insecure] COMMAND ...
  *   zenithctl [--coordinator ADDR] submit [spec flags] [--watch]
  *   zenithctl [--coordinator ADDR] list|status JOB|watch JOB|cancel JOB [--json]
  *   zenithctl [--coordinator ADDR] history JOB [--format csv|json] [-o FILE]
@@ -14,10 +15,13 @@
 #include <string.h>
 
 #include "ctl.h"
+#include "ctl_config.h"
 #include "zn_log.h"
 
 static const char* usage_text =
-    "usage: zenithctl [--coordinator ADDR] COMMAND [flags]\n"
+    "usage: zenithctl [-v] [--coordinator ADDR] [--token TOKEN] [--ca FILE] [--insecure]\n"
+    "                 [--cert FILE --key FILE]\n"
+    "                 COMMAND [flags]\n"
     "\n"
     "commands:\n"
     "  submit [flags]      submit a training job; prints its id (--watch to follow it)\n"
@@ -36,45 +40,95 @@ static const char* usage_text =
     "                      and events)\n"
     "  plot JOB -o FILE    draw eta_t and n_t, m_t, M_t over the steps (FILE .svg or .png)\n"
     "\n"
-    "The coordinator is --coordinator ADDR, else $ZENITH_COORDINATOR, else 127.0.0.1:7070.\n"
+    "Each setting comes from its flag, else the environment (ZENITH_COORDINATOR,\n"
+    "ZENITH_TOKEN, ZENITH_CA, ZENITH_INSECURE=1), else the config file ($ZENITH_CONFIG or\n"
+    "~/.config/zenith/config: `coordinator = ADDR`, `token = T`, `ca = FILE`, `insecure = 1`).\n"
+    "The coordinator defaults to 127.0.0.1:7070. With no ca and no insecure, a loopback\n"
+    "coordinator is reached in plain text and any other over TLS with the system's roots.\n"
+    "--cert FILE and --key FILE (ZENITH_CERT, ZENITH_KEY; cert, key) send a client certificate,\n"
+    "for a coordinator that requires one and has no token.\n"
+    "-v prints where each setting came from (never the token).\n"
     "`zenithctl submit --help` lists the job flags.\n";
 
-int main(int argc, char** argv) {
-  zn_log_set_role("zenithctl");
-  const char* coordinator = getenv("ZENITH_COORDINATOR");
-  if (!coordinator || !coordinator[0]) coordinator = "127.0.0.1:7070";
+/* Reads "--name VALUE" or "--name=VALUE" at argv[*i]; 1 when it matched. */
+static int take_value(int argc, char** argv, int* i, const char* name, const char** out) {
+  size_t len = strlen(name);
+  if (strncmp(argv[*i], name, len) != 0) return 0;
+  if (argv[*i][len] == '=') {
+    *out = argv[*i] + len + 1;
+    return 1;
+  }
+  if (argv[*i][len] != '\0' || *i + 1 >= argc) return 0;
+  *out = argv[++*i];
+  return 1;
+}
 
+/* The flags before the command; returns the command's index, or -1 after
+ * printing usage (*exit_code set). */
+static int parse_globals(int argc, char** argv, ctl_flags* g, int* verbose, int* exit_code) {
   int i = 1;
   for (; i < argc && argv[i][0] == '-'; i++) {
-    if (strcmp(argv[i], "--coordinator") == 0 && i + 1 < argc) {
-      coordinator = argv[++i];
-    } else if (strncmp(argv[i], "--coordinator=", 14) == 0) {
-      coordinator = argv[i] + 14;
+    if (take_value(argc, argv, &i, "--coordinator", &g->coordinator) ||
+        take_value(argc, argv, &i, "--token", &g->token) ||
+        take_value(argc, argv, &i, "--ca", &g->ca) ||
+        take_value(argc, argv, &i, "--cert", &g->cert) ||
+        take_value(argc, argv, &i, "--key", &g->key)) {
+      continue;
+    } else if (strcmp(argv[i], "--insecure") == 0) {
+      g->insecure = 1;
+    } else if (strcmp(argv[i], "-v") == 0 || strcmp(argv[i], "--verbose") == 0) {
+      *verbose = 1;
     } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
       fputs(usage_text, stdout);
-      return 0;
+      *exit_code = 0;
+      return -1;
     } else {
       fprintf(stderr, "zenithctl: unknown flag '%s'\n\n%s", argv[i], usage_text);
-      return 2;
+      *exit_code = 2;
+      return -1;
     }
   }
   if (i >= argc) {
     fputs(usage_text, stderr);
-    return 2;
+    *exit_code = 2;
+    return -1;
   }
+  return i;
+}
 
-  const char* command = argv[i];
-  ctl_args args = {coordinator, argc - i, argv + i};
-  if (strcmp(command, "submit") == 0) return ctl_submit(&args);
-  if (strcmp(command, "list") == 0) return ctl_list(&args);
-  if (strcmp(command, "status") == 0) return ctl_status(&args);
-  if (strcmp(command, "watch") == 0) return ctl_watch(&args);
-  if (strcmp(command, "cancel") == 0) return ctl_cancel(&args);
-  if (strcmp(command, "checkpoint") == 0) return ctl_checkpoint(&args);
-  if (strcmp(command, "checkpoints") == 0) return ctl_checkpoints(&args);
-  if (strcmp(command, "resume") == 0) return ctl_resume(&args);
-  if (strcmp(command, "history") == 0) return ctl_history(&args);
-  if (strcmp(command, "plot") == 0) return ctl_plot(&args);
+static int run_command(const ctl_args* args);
+
+int main(int argc, char** argv) {
+  zn_log_set_role("zenithctl");
+  ctl_flags g = {0};
+  int exit_code = 0;
+  int verbose = 0;
+  int i = parse_globals(argc, argv, &g, &verbose, &exit_code);
+  if (i < 0) return exit_code;
+
+  ctl_config config;
+  exit_code = ctl_config_resolve(&config, &g);
+  if (exit_code == 0) {
+    if (verbose) ctl_config_describe(&config);
+    ctl_args args = {config.coordinator.value, argc - i, argv + i, &config.rpc};
+    exit_code = run_command(&args);
+  }
+  ctl_config_free(&config);
+  return exit_code;
+}
+
+static int run_command(const ctl_args* args) {
+  const char* command = args->argv[0];
+  if (strcmp(command, "submit") == 0) return ctl_submit(args);
+  if (strcmp(command, "list") == 0) return ctl_list(args);
+  if (strcmp(command, "status") == 0) return ctl_status(args);
+  if (strcmp(command, "watch") == 0) return ctl_watch(args);
+  if (strcmp(command, "cancel") == 0) return ctl_cancel(args);
+  if (strcmp(command, "checkpoint") == 0) return ctl_checkpoint(args);
+  if (strcmp(command, "checkpoints") == 0) return ctl_checkpoints(args);
+  if (strcmp(command, "resume") == 0) return ctl_resume(args);
+  if (strcmp(command, "history") == 0) return ctl_history(args);
+  if (strcmp(command, "plot") == 0) return ctl_plot(args);
   fprintf(stderr, "zenithctl: unknown command '%s'\n\n%s", command, usage_text);
   return 2;
 }

@@ -29,6 +29,11 @@ static const char* usage_text =
     "                                  every worker reaches at the same path (STATE/checkpoints)\n"
     "         --metrics-listen ADDR    serve Prometheus metrics on http://ADDR/metrics (off)\n"
     "         --metrics-port-file FILE write the metrics port there (useful with port 0)\n"
+    "         --tls-cert FILE          serve gRPC over TLS with this PEM certificate chain\n"
+    "         --tls-key FILE           ... and this PEM private key\n"
+    "         --tls-client-ca FILE     require client certificates signed by this CA (mTLS)\n"
+    "         --token-file FILE        the zenith.v1.Zenith API needs this bearer token\n"
+    "         --insecure               serve plain text (TLS or --insecure is required)\n"
     "       zenithd worker [flags]\n"
     "         --coordinator ADDR       the coordinator ($ZENITH_COORDINATOR, else 127.0.0.1:7070)\n"
     "         --name NAME              unique worker name (HOSTNAME-PID)\n"
@@ -36,7 +41,14 @@ static const char* usage_text =
     "         --threads N              compute threads when a job does not set them (all cores)\n"
     "         --device cpu|cuda:N      train on the CPU, or on GPU N; a GPU that cannot be used\n"
     "                                  leaves the worker on the CPU, with a warning (cpu)\n"
-    "       both: --log-level debug|info|warn|error (info)\n";
+    "         --tls-ca FILE            talk TLS, verifying the coordinator against this PEM CA\n"
+    "         --tls-cert FILE          the worker's PEM client certificate (for mTLS)\n"
+    "         --tls-key FILE           ... and its PEM private key\n"
+    "         --insecure               talk plain text (--tls-ca or --insecure is required)\n"
+    "       both: --health-listen ADDR     serve only the gRPC health service there, plain text\n"
+    "                                  (for Kubernetes' gRPC probes; port 0 picks one) (off)\n"
+    "             --health-port-file FILE write the health port there (useful with port 0)\n"
+    "             --log-level debug|info|warn|error (info)\n";
 
 static int parse_int(const char* flag, const char* text, int min, int* out) {
   char* end;
@@ -58,13 +70,21 @@ enum {
   OPT_CHECKPOINT_DIR,
   OPT_METRICS_LISTEN,
   OPT_METRICS_PORT_FILE,
+  OPT_TLS_CLIENT_CA,
+  OPT_TOKEN_FILE,
   OPT_COORDINATOR,
   OPT_NAME,
   OPT_HOST,
   OPT_THREADS,
   OPT_DEVICE,
+  OPT_TLS_CA,
+  OPT_HEALTH_LISTEN,
+  OPT_HEALTH_PORT_FILE,
   OPT_LOG_LEVEL,
-  OPT_HELP
+  OPT_HELP,
+  OPT_TLS_CERT, /* these three belong to both roles */
+  OPT_TLS_KEY,
+  OPT_INSECURE
 };
 
 static const struct option options[] = {
@@ -76,17 +96,26 @@ static const struct option options[] = {
     {"checkpoint-dir", required_argument, 0, OPT_CHECKPOINT_DIR},
     {"metrics-listen", required_argument, 0, OPT_METRICS_LISTEN},
     {"metrics-port-file", required_argument, 0, OPT_METRICS_PORT_FILE},
+    {"tls-client-ca", required_argument, 0, OPT_TLS_CLIENT_CA},
+    {"token-file", required_argument, 0, OPT_TOKEN_FILE},
     {"coordinator", required_argument, 0, OPT_COORDINATOR},
     {"name", required_argument, 0, OPT_NAME},
     {"host", required_argument, 0, OPT_HOST},
     {"threads", required_argument, 0, OPT_THREADS},
     {"device", required_argument, 0, OPT_DEVICE},
+    {"tls-ca", required_argument, 0, OPT_TLS_CA},
+    {"health-listen", required_argument, 0, OPT_HEALTH_LISTEN},
+    {"health-port-file", required_argument, 0, OPT_HEALTH_PORT_FILE},
     {"log-level", required_argument, 0, OPT_LOG_LEVEL},
     {"help", no_argument, 0, OPT_HELP},
+    {"tls-cert", required_argument, 0, OPT_TLS_CERT},
+    {"tls-key", required_argument, 0, OPT_TLS_KEY},
+    {"insecure", no_argument, 0, OPT_INSECURE},
     {0, 0, 0, 0}};
 
 static int flag_fits_role(int opt, int is_coordinator) {
-  if (opt == OPT_LOG_LEVEL || opt == OPT_HELP) return 1;
+  if (opt == OPT_HEALTH_LISTEN || opt == OPT_HEALTH_PORT_FILE) return 1;
+  if (opt == OPT_LOG_LEVEL || opt == OPT_HELP || opt >= OPT_TLS_CERT) return 1;
   return is_coordinator ? opt < OPT_COORDINATOR : opt >= OPT_COORDINATOR;
 }
 
@@ -139,6 +168,30 @@ static int apply_flag(int opt, char* value, coord_config* cc, worker_config* wc)
     case OPT_HOST:
       wc->host = value;
       return 0;
+    case OPT_HEALTH_LISTEN:
+      cc->health_listen = wc->health_listen = value;
+      return 0;
+    case OPT_HEALTH_PORT_FILE:
+      cc->health_port_file = wc->health_port_file = value;
+      return 0;
+    case OPT_TLS_CLIENT_CA:
+      cc->tls_client_ca = value;
+      return 0;
+    case OPT_TOKEN_FILE:
+      cc->token_file = value;
+      return 0;
+    case OPT_TLS_CA:
+      wc->tls_ca = value;
+      return 0;
+    case OPT_TLS_CERT:
+      cc->tls_cert = wc->tls_cert = value;
+      return 0;
+    case OPT_TLS_KEY:
+      cc->tls_key = wc->tls_key = value;
+      return 0;
+    case OPT_INSECURE:
+      cc->insecure = wc->insecure = 1;
+      return 0;
     case OPT_HEARTBEAT:
       return parse_int("--heartbeat-ms", value, 10, &cc->heartbeat_ms);
     case OPT_TIMEOUT:
@@ -171,8 +224,12 @@ int main(int argc, char** argv) {
   snprintf(default_name, sizeof default_name, "%s-%d", host, (int)getpid());
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   const char* env_coordinator = getenv("ZENITH_COORDINATOR");
-  worker_config wc = {env_coordinator && env_coordinator[0] ? env_coordinator : "127.0.0.1:7070",
-                      default_name, "127.0.0.1", cores > 0 ? (int)cores : 1, -1};
+  worker_config wc = {
+      .coordinator = env_coordinator && env_coordinator[0] ? env_coordinator : "127.0.0.1:7070",
+      .name = default_name,
+      .host = "127.0.0.1",
+      .threads = cores > 0 ? (int)cores : 1,
+      .device = -1};
 
   optind = 2;
   int opt;

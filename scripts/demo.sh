@@ -22,8 +22,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# Loopback only, so plain text is asked for (--insecure); see the README for TLS and tokens.
 "$bin/zenithd" coordinator --listen 127.0.0.1:0 --port-file "$dir/port" --state "$dir/state" \
-  2>"$dir/logs/coordinator.log" &
+  --insecure 2>"$dir/logs/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do [[ -s "$dir/port" ]] && break; sleep 0.05; done
 [[ -s "$dir/port" ]] || { echo "demo: the coordinator did not start:"; cat "$dir/logs/coordinator.log"; exit 1; }
@@ -31,7 +32,7 @@ export ZENITH_COORDINATOR="127.0.0.1:$(cat "$dir/port")"
 
 for i in $(seq "$workers"); do
   "$bin/zenithd" worker --coordinator "$ZENITH_COORDINATOR" --name "worker-$i" \
-    --threads "$threads" 2>"$dir/logs/worker-$i.log" &
+    --threads "$threads" --insecure 2>"$dir/logs/worker-$i.log" &
   pids+=($!)
 done
 echo "demo: coordinator on $ZENITH_COORDINATOR, $workers workers with $threads thread(s) each;" \

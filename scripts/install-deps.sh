@@ -12,7 +12,23 @@ packages=(
   libssl-dev libmicrohttpd-dev libcairo2-dev
   dataset-fashion-mnist
   python3 python3-numpy python3-torch python3-grpcio python3-protobuf python3-prometheus-client
+  openssl python3-yaml
 )
+# The deploy tests (tests/deploy) render the Kubernetes manifests with `kubectl kustomize`
+# and validate them with node: Debian's kubectl (kubernetes-client) and Node.js, unless a
+# kubectl or an npm is already installed (another package of them would conflict).
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
+command -v npm >/dev/null || packages+=(nodejs npm)
+
+# ... and the npm packages of tests/deploy/package-lock.json, into tests/deploy/node_modules.
+npm_deps() {
+  local dir
+  dir="$(cd "$(dirname "$0")/.." && pwd)/tests/deploy"
+  [[ -d "$dir/node_modules/kubernetes-models" && -d "$dir/node_modules/dockerfile-utils" ]] \
+    && return 0
+  echo "deps: installing the npm packages of tests/deploy/package-lock.json"
+  npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+}
 
 missing=()
 for p in "${packages[@]}"; do
@@ -22,6 +38,7 @@ done
 
 if [[ ${#missing[@]} -eq 0 ]]; then
   echo "deps: all ${#packages[@]} Debian packages are installed"
+  npm_deps
   exit 0
 fi
 
@@ -34,4 +51,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -q
 $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+npm_deps
 echo "deps: done"

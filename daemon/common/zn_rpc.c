@@ -6,7 +6,10 @@
  * hand it to the method's handler. A call object counts its outstanding
  * batches (receive-close, write, send-status) and is freed when none is left
  * and it has either sent its status or seen its client leave. Stream writes
- * are queued, since gRPC allows one write in flight per call.
+ * are queued, since gRPC allows one write in flight per call. Before a
+ * handler runs, the call's credentials are checked: a bearer token for the
+ * methods under the token's prefix, a verified client certificate for the
+ * others when the listener has a client CA.
  *
  * Client side: each call gets its own pluck queue and blocks on it. */
 #include "zn_rpc.h"
@@ -16,6 +19,8 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -92,6 +97,10 @@ static ProtobufCMessage* unpack_message(grpc_byte_buffer* bb,
 
 /* ================================================================ server */
 
+/* Client certificates are requested and verified in the handshake but not
+ * required there: a handshake failure would reach the client as a bare
+ * "connection closed", while a call refused after it says what to fix. */
+
 typedef enum { TAG_NEW, TAG_CLOSE, TAG_WRITE, TAG_STATUS } tag_kind;
 
 typedef struct {
@@ -155,13 +164,30 @@ struct zn_rpc_server {
   zn_rpc_tick_fn tick;
   void* tick_ud;
   int tick_ms;
-  method unknown; /* stands for every method nobody registered */
+  method unknown;          /* stands for every method nobody registered */
+  int require_client_cert; /* calls outside auth_prefix need a verified certificate */
+  char* auth_prefix;       /* calls under it need the token; NULL: none do */
+  unsigned char auth_digest[SHA256_DIGEST_LENGTH]; /* of "Bearer TOKEN" */
 };
 
 static void request_call(zn_rpc_server* s, method* m);
 
+static grpc_server_credentials* server_credentials(const zn_rpc_server_tls* tls) {
+  if (!tls) return grpc_insecure_server_credentials_create();
+  grpc_ssl_pem_key_cert_pair pair = {tls->private_key, tls->cert_chain};
+  grpc_ssl_client_certificate_request_type request =
+      tls->client_ca ? GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY
+                     : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+  return grpc_ssl_server_credentials_create_ex(tls->client_ca, &pair, 1, request, NULL);
+}
+
 int zn_rpc_server_create(const char* addr, zn_rpc_server** out, int* bound_port, char* err,
                          size_t errlen) {
+  return zn_rpc_server_create_secure(addr, NULL, out, bound_port, err, errlen);
+}
+
+int zn_rpc_server_create_secure(const char* addr, const zn_rpc_server_tls* tls, zn_rpc_server** out,
+                                int* bound_port, char* err, size_t errlen) {
   pthread_once(&grpc_once, grpc_start);
   zn_rpc_server* s = calloc(1, sizeof *s);
   if (!s) return ZN_ERR_NOMEM;
@@ -175,7 +201,7 @@ int zn_rpc_server_create(const char* addr, zn_rpc_server** out, int* bound_port,
   s->cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(s->server, s->cq, NULL);
 
-  grpc_server_credentials* creds = grpc_insecure_server_credentials_create();
+  grpc_server_credentials* creds = server_credentials(tls);
   int port = grpc_server_add_http2_port(s->server, addr, creds);
   grpc_server_credentials_release(creds);
   if (port == 0) {
@@ -187,8 +213,71 @@ int zn_rpc_server_create(const char* addr, zn_rpc_server** out, int* bound_port,
     return ZN_ERR_IO;
   }
   if (bound_port) *bound_port = port;
+  s->require_client_cert = tls && tls->client_ca;
   *out = s;
   return ZN_OK;
+}
+
+static void bearer_digest(const char* value, size_t len, unsigned char* digest) {
+  SHA256((const unsigned char*)value, len, digest);
+}
+
+int zn_rpc_server_set_auth(zn_rpc_server* s, const char* path_prefix, const char* token) {
+  if (s->started || !token || !token[0]) return ZN_ERR_INVALID;
+  size_t len = strlen("Bearer ") + strlen(token);
+  char* expected = malloc(len + 1);
+  if (!expected) return ZN_ERR_NOMEM;
+  snprintf(expected, len + 1, "Bearer %s", token);
+  bearer_digest(expected, len, s->auth_digest);
+  OPENSSL_cleanse(expected, len);
+  free(expected);
+  free(s->auth_prefix);
+  s->auth_prefix = strdup(path_prefix);
+  return s->auth_prefix ? ZN_OK : ZN_ERR_NOMEM;
+}
+
+/* Ends the call and returns 0 when the server wants a client certificate and
+ * the client did not present one (the handshake already verified any that
+ * was presented). */
+static int has_client_cert(zn_rpc_call* c) {
+  if (!c->server->require_client_cert) return 1;
+  grpc_auth_context* ctx = grpc_call_auth_context(c->call);
+  int ok = ctx && grpc_auth_context_peer_is_authenticated(ctx);
+  if (ctx) grpc_auth_context_release(ctx);
+  if (!ok)
+    zn_rpc_fail(c, ZN_RPC_UNAUTHENTICATED,
+                "%s needs a client certificate signed by the coordinator's --tls-client-ca; "
+                "give the worker --tls-cert and --tls-key (zenithctl: --cert and --key)",
+                c->method->path);
+  return ok;
+}
+
+/* Ends the call and returns 0 when it lacks the server's token. Digests of
+ * equal length are compared in constant time, so neither the token's length
+ * nor its first differing byte shows in the answer's timing. */
+static int call_authorized(zn_rpc_call* c) {
+  zn_rpc_server* s = c->server;
+  if (!s->auth_prefix || strncmp(c->method->path, s->auth_prefix, strlen(s->auth_prefix)) != 0)
+    return has_client_cert(c);
+  const grpc_metadata* found = NULL;
+  for (size_t i = 0; i < c->request_metadata.count; i++) {
+    if (grpc_slice_str_cmp(c->request_metadata.metadata[i].key, "authorization") == 0)
+      found = &c->request_metadata.metadata[i];
+  }
+  if (!found) {
+    zn_rpc_fail(c, ZN_RPC_UNAUTHENTICATED,
+                "this coordinator requires a token: give zenithctl --token, ZENITH_TOKEN or a "
+                "config file");
+    return 0;
+  }
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  bearer_digest((const char*)GRPC_SLICE_START_PTR(found->value), GRPC_SLICE_LENGTH(found->value),
+                digest);
+  if (CRYPTO_memcmp(digest, s->auth_digest, sizeof digest) != 0) {
+    zn_rpc_fail(c, ZN_RPC_PERMISSION_DENIED, "the token is not valid for this coordinator");
+    return 0;
+  }
+  return 1;
 }
 
 int zn_rpc_server_add_method(zn_rpc_server* s, const char* path, zn_rpc_kind kind,
@@ -406,6 +495,7 @@ static void on_new_call(zn_rpc_server* s, zn_rpc_call* c, int ok) {
     gpr_free(path);
     return;
   }
+  if (!call_authorized(c)) return;
   if (!c->request_payload) {
     zn_rpc_fail(c, ZN_RPC_INVALID_ARGUMENT, "%s: the request carried no message", c->method->path);
     return;
@@ -504,6 +594,7 @@ void zn_rpc_server_destroy(zn_rpc_server* s) {
     free(m);
     m = next;
   }
+  free(s->auth_prefix);
   free(s);
 }
 
@@ -513,9 +604,33 @@ struct zn_rpc_channel {
   grpc_channel* channel;
   char* target;
   int wait_for_ready;
+  grpc_metadata auth; /* "authorization: Bearer TOKEN"; count 0 without a token */
+  size_t auth_count;
 };
 
+static grpc_channel_credentials* channel_credentials(const zn_rpc_client_opts* opts) {
+  if (!opts || !opts->tls) return grpc_insecure_credentials_create();
+  grpc_ssl_pem_key_cert_pair pair = {opts->client_key, opts->client_cert};
+  int with_cert = opts->client_cert && opts->client_key;
+  return grpc_ssl_credentials_create(opts->ca, with_cert ? &pair : NULL, NULL, NULL);
+}
+
+static void set_token(zn_rpc_channel* ch, const char* token) {
+  size_t len = strlen("Bearer ") + strlen(token);
+  grpc_slice value = grpc_slice_malloc(len + 1);
+  snprintf((char*)GRPC_SLICE_START_PTR(value), len + 1, "Bearer %s", token);
+  ch->auth.key = grpc_slice_from_static_string("authorization");
+  ch->auth.value = grpc_slice_sub(value, 0, len);
+  grpc_slice_unref(value);
+  ch->auth_count = 1;
+}
+
 zn_rpc_channel* zn_rpc_channel_open(const char* target, int wait_for_ready) {
+  return zn_rpc_channel_open_with(target, wait_for_ready, NULL);
+}
+
+zn_rpc_channel* zn_rpc_channel_open_with(const char* target, int wait_for_ready,
+                                         const zn_rpc_client_opts* opts) {
   pthread_once(&grpc_once, grpc_start);
   zn_rpc_channel* ch = calloc(1, sizeof *ch);
   if (!ch) return NULL;
@@ -524,17 +639,19 @@ zn_rpc_channel* zn_rpc_channel_open(const char* target, int wait_for_ready) {
   args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
   args[0].value.integer = 64 << 20;
   grpc_channel_args channel_args = {1, args};
-  grpc_channel_credentials* creds = grpc_insecure_credentials_create();
+  grpc_channel_credentials* creds = channel_credentials(opts);
   ch->channel = grpc_channel_create(target, creds, &channel_args);
   grpc_channel_credentials_release(creds);
   ch->target = strdup(target);
   ch->wait_for_ready = wait_for_ready;
+  if (opts && opts->token && opts->token[0]) set_token(ch, opts->token);
   return ch;
 }
 
 void zn_rpc_channel_close(zn_rpc_channel* ch) {
   if (!ch) return;
   grpc_channel_destroy(ch->channel);
+  if (ch->auth_count) grpc_slice_unref(ch->auth.value);
   free(ch->target);
   free(ch);
 }
@@ -577,6 +694,8 @@ static void destroy_pluck_queue(grpc_completion_queue* cq) {
 static void fill_send_ops(zn_rpc_channel* ch, grpc_op* ops, grpc_byte_buffer* payload) {
   memset(ops, 0, 3 * sizeof *ops);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[0].data.send_initial_metadata.count = ch->auth_count;
+  ops[0].data.send_initial_metadata.metadata = &ch->auth;
   if (ch->wait_for_ready) ops[0].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY;
   ops[1].op = GRPC_OP_SEND_MESSAGE;
   ops[1].data.send_message.send_message = payload;

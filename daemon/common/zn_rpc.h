@@ -7,6 +7,9 @@
  * later (a key wait, a watch stream): the call stays valid until it is
  * finished or until its close callback says the client went away.
  *
+ * A server listens in plain text or over TLS, optionally asking clients for a
+ * certificate (mutual TLS) and some methods for a bearer token.
+ *
  * Clients are synchronous: each call blocks its thread until the answer or the
  * deadline, and reports the gRPC status code and message. */
 #ifndef ZN_RPC_H
@@ -26,11 +29,13 @@ enum {
   ZN_RPC_DEADLINE_EXCEEDED = 4,
   ZN_RPC_NOT_FOUND = 5,
   ZN_RPC_ALREADY_EXISTS = 6,
+  ZN_RPC_PERMISSION_DENIED = 7,
   ZN_RPC_RESOURCE_EXHAUSTED = 8,
   ZN_RPC_FAILED_PRECONDITION = 9,
   ZN_RPC_UNIMPLEMENTED = 12,
   ZN_RPC_INTERNAL = 13,
   ZN_RPC_UNAVAILABLE = 14,
+  ZN_RPC_UNAUTHENTICATED = 16,
 };
 
 /* Largest message a server accepts; larger ones get RESOURCE_EXHAUSTED. */
@@ -57,6 +62,27 @@ typedef void (*zn_rpc_tick_fn)(void* ud);
 /* Binds addr ("127.0.0.1:7070", "[::]:0"); *bound_port gets the port. */
 int zn_rpc_server_create(const char* addr, zn_rpc_server** out, int* bound_port, char* err,
                          size_t errlen);
+
+/* PEM text, not file names; the strings are copied by gRPC at creation. */
+typedef struct {
+  const char* cert_chain;
+  const char* private_key;
+  /* Set: clients are asked for a certificate, which must be signed by this
+   * CA, and every call outside the token's prefix (zn_rpc_server_set_auth)
+   * needs one (mutual TLS). NULL: clients are not asked for one. */
+  const char* client_ca;
+} zn_rpc_server_tls;
+
+/* Like zn_rpc_server_create, over TLS when tls is not NULL. */
+int zn_rpc_server_create_secure(const char* addr, const zn_rpc_server_tls* tls, zn_rpc_server** out,
+                                int* bound_port, char* err, size_t errlen);
+/* Calls to methods whose path starts with path_prefix must carry the
+ * metadata "authorization: Bearer TOKEN": without it they end UNAUTHENTICATED,
+ * with another value PERMISSION_DENIED, before any handler runs. The token
+ * replaces the client certificate for those methods, so that users need no
+ * certificate of their own. Only a digest of the token is kept. Only before
+ * zn_rpc_server_start. */
+int zn_rpc_server_set_auth(zn_rpc_server* s, const char* path_prefix, const char* token);
 /* path is "/package.Service/Method". Only before zn_rpc_server_start. */
 int zn_rpc_server_add_method(zn_rpc_server* s, const char* path, zn_rpc_kind kind,
                              const ProtobufCMessageDescriptor* request_type, zn_rpc_handler handler,
@@ -96,6 +122,19 @@ typedef struct {
 /* wait_for_ready: calls wait (up to their deadline) for the server to come
  * up instead of failing at once; workers use it, the CLI does not. */
 zn_rpc_channel* zn_rpc_channel_open(const char* target, int wait_for_ready);
+
+/* How a channel reaches its server. All zero: plain text, no token. */
+typedef struct {
+  int tls;                 /* 1: TLS, verifying the server against ca (PEM) */
+  const char* ca;          /* NULL with tls: the system's trusted roots */
+  const char* client_cert; /* PEM chain and key for mutual TLS; NULL: none */
+  const char* client_key;
+  const char* token; /* sent as "authorization: Bearer TOKEN" with every call */
+} zn_rpc_client_opts;
+
+/* Like zn_rpc_channel_open, with credentials; opts may be NULL. */
+zn_rpc_channel* zn_rpc_channel_open_with(const char* target, int wait_for_ready,
+                                         const zn_rpc_client_opts* opts);
 void zn_rpc_channel_close(zn_rpc_channel* ch);
 const char* zn_rpc_channel_target(const zn_rpc_channel* ch);
 

@@ -15,6 +15,7 @@
 #include "coord_spec.h"
 #include "coordinator.h"
 #include "zenith.pb-c.h"
+#include "zn_health.h"
 #include "zn_rpc.h"
 #include "zn_store.h"
 
@@ -72,6 +73,14 @@ typedef struct coordinator {
   coord_ckpt* ckpt;       /* checkpoint folder and the CheckpointJob calls waiting */
   worker* workers;        /* in registration order */
   active_job* active;     /* in submission order */
+
+  /* The health service: on the API listener (health_main), and on the plain-text
+   * --health-listen when set. stop_at_ms: when a stop signal has turned it NOT_SERVING, the time
+   * the server stops; 0 until then. */
+  zn_health* health;
+  zn_health_endpoint* health_main;
+  zn_health_listener* health_listener;
+  int64_t stop_at_ms;
 } coordinator;
 
 /* The attempt a worker's request speaks for: the request's own field, or, from a worker that

@@ -17,10 +17,12 @@
 
 #include "coord_ckpt.h"
 #include "coord_kv.h"
+#include "coord_listen.h"
 #include "coord_metrics.h"
 #include "coord_spec.h"
 #include "zenith.pb-c.h"
 #include "zn_err.h"
+#include "zn_health.h"
 #include "zn_log.h"
 #include "zn_rpc.h"
 #include "zn_store.h"
@@ -28,8 +30,14 @@
 
 static zn_rpc_server* volatile signal_target;
 
+/* Set by SIGINT or SIGTERM. The tick then turns the health service NOT_SERVING, and stops the
+ * server STOP_GRACE_MS later: long enough for probes and health watchers, on this server and on
+ * the --health-listen one, to hear it while the server still answers. */
+static volatile sig_atomic_t stop_signalled;
+#define STOP_GRACE_MS 300
+
 static void on_signal(int sig) {
-  if (signal_target) zn_rpc_server_stop(signal_target);
+  if (signal_target) stop_signalled = 1;
 }
 
 /* ---------------------------------------------------------------- helpers */
@@ -753,8 +761,29 @@ static void publish_metrics(coordinator* co) {
   coord_metrics_publish(co->metrics);
 }
 
+/* The names the health service answers for: the whole daemon ("") and each of its services. */
+static void set_health(coordinator* co, int status) {
+  static const char* names[] = {"", "zenith.v1.Zenith", "zenith.v1.Workers"};
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+    zn_health_set(co->health, names[i], status);
+}
+
+static void check_stop(coordinator* co) {
+  if (!stop_signalled) return;
+  int64_t now = zn_unix_ms();
+  if (co->stop_at_ms == 0) {
+    ZN_INFO("stop signal received: health NOT_SERVING; stopping in %d ms", STOP_GRACE_MS);
+    set_health(co, ZN_HEALTH_NOT_SERVING);
+    co->stop_at_ms = now + STOP_GRACE_MS;
+  } else if (now >= co->stop_at_ms) {
+    zn_rpc_server_stop(co->server);
+  }
+}
+
 static void tick(void* ud) {
   coordinator* co = ud;
+  check_stop(co);
+  zn_health_tick(co->health_main);
   check_liveness(co);
   release_held_errors(co);
   schedule(co);
@@ -839,10 +868,12 @@ static void shutdown_coordinator(coordinator* co) {
     free(w);
   }
   coord_metrics_stop(co->metrics);
+  zn_health_listener_stop(co->health_listener);
   zn_rpc_server_destroy(co->server);
   coord_ckpt_destroy(co->ckpt); /* after the server, whose cancelled calls may still report */
   coord_kv_destroy(co->kv);
   zn_store_close(co->store);
+  zn_health_destroy(co->health);
 }
 
 static void write_port_file(const char* path, int port) {
@@ -868,10 +899,32 @@ static int start_metrics(coordinator* co) {
   return ZN_OK;
 }
 
+/* The health service on the API listener and, with --health-listen, on a plain-text listener of
+ * its own, which a bad address stops the start for. NOT_SERVING until the API listener is up. */
+static int start_health(coordinator* co) {
+  co->health = zn_health_create();
+  if (!co->health) return ZN_ERR_NOMEM;
+  set_health(co, ZN_HEALTH_NOT_SERVING);
+  int rc = zn_health_serve(co->health, co->server, &co->health_main);
+  if (rc != ZN_OK || !co->cfg.health_listen) return rc;
+  char err[512];
+  int port = 0;
+  rc = zn_health_listen(co->health, co->cfg.health_listen, &co->health_listener, &port, err,
+                        sizeof err);
+  if (rc != ZN_OK) {
+    ZN_ERROR("--health-listen: %s", err);
+    return rc;
+  }
+  ZN_INFO("health service (plain text) on %s", zn_health_listener_address(co->health_listener));
+  if (co->cfg.health_port_file) write_port_file(co->cfg.health_port_file, port);
+  return ZN_OK;
+}
+
 int zn_coordinator_run(const coord_config* cfg) {
   coordinator co = {0};
   co.cfg = *cfg;
   char err[512];
+  if (coord_listen_check(cfg) != ZN_OK) return 1;
   int rc = zn_store_open(cfg->state_dir, &co.store, err, sizeof err);
   if (rc != ZN_OK) {
     ZN_ERROR("cannot open the state folder %s: %s", cfg->state_dir, err);
@@ -886,9 +939,8 @@ int zn_coordinator_run(const coord_config* cfg) {
   ZN_INFO("checkpoints in %s", coord_ckpt_dir(co.ckpt));
   co.kv = coord_kv_create();
   int port = 0;
-  rc = zn_rpc_server_create(cfg->listen, &co.server, &port, err, sizeof err);
+  rc = coord_listen(cfg, &co.server, &port);
   if (rc != ZN_OK) {
-    ZN_ERROR("%s", err);
     coord_ckpt_destroy(co.ckpt);
     coord_kv_destroy(co.kv);
     zn_store_close(co.store);
@@ -903,6 +955,10 @@ int zn_coordinator_run(const coord_config* cfg) {
     shutdown_coordinator(&co);
     return 1;
   }
+  if (start_health(&co) != ZN_OK) {
+    shutdown_coordinator(&co);
+    return 1;
+  }
   zn_rpc_server_set_tick(co.server, 100, tick, &co);
   zn_rpc_server_start(co.server);
   char shown[300];
@@ -911,6 +967,7 @@ int zn_coordinator_run(const coord_config* cfg) {
   if (colon) snprintf(colon + 1, sizeof shown - (size_t)(colon + 1 - shown), "%d", port);
   ZN_INFO("listening on %s", shown);
   if (cfg->port_file) write_port_file(cfg->port_file, port);
+  set_health(&co, ZN_HEALTH_SERVING);
 
   signal_target = co.server;
   signal(SIGINT, on_signal);

@@ -16,13 +16,18 @@
 
 #include "gpu_probe.h"
 #include "trainer.h"
+#include "worker_channel.h"
 #include "zenith.pb-c.h"
 #include "zn_err.h"
+#include "zn_health.h"
 #include "zn_log.h"
 #include "zn_rpc.h"
 
 #define RPC_TIMEOUT_MS 5000
 #define REGISTER_RETRY_MS 1000
+/* How long the health listener outlives the loop, so that its watchers hear the last
+ * NOT_SERVING (its server looks for changes every 50 ms) before the process exits. */
+#define HEALTH_GRACE_MS 200
 
 typedef struct {
   worker_config cfg;
@@ -44,6 +49,8 @@ typedef struct {
   int device;            /* the CUDA device it trains on, or -1: the CPU */
   char device_text[160]; /* the device as the logs show it */
   trainer* trainer;
+  zn_health* health; /* with --health-listen only, as is its listener */
+  zn_health_listener* health_listener;
 } worker;
 
 /* One blocking call done on the thread pool. */
@@ -117,6 +124,13 @@ static void note_coordinator(worker* w, int rc, const zn_rpc_status* st) {
   }
 }
 
+/* SERVING while registered with a coordinator that answers, and not draining. */
+static void update_health(worker* w) {
+  if (!w->health) return;
+  int serving = w->registered && !w->coordinator_down && !w->shutting_down;
+  zn_health_set(w->health, "", serving ? ZN_HEALTH_SERVING : ZN_HEALTH_NOT_SERVING);
+}
+
 static void on_trainer_finished(void* ud) {
   worker* w = ud;
   uv_async_send(&w->trainer_done);
@@ -136,11 +150,13 @@ static void start_trainer(worker* w, const Zenith__V1__Assignment* asg) {
   if (!w->trainer) ZN_ERROR("could not start a trainer thread for job %s", asg->job_id);
 }
 
-/* A refused registration: a bad name ends the daemon; a name held by a live
- * worker is retried, since that worker may be this one's crashed predecessor
- * whose heartbeats are about to time out. */
+/* A refused registration: a bad name or missing credentials (no client
+ * certificate for a coordinator that wants one) end the daemon, since no retry
+ * can mend them; a name held by a live worker is retried, since that worker
+ * may be this one's crashed predecessor whose heartbeats are about to time out. */
 static void register_refused(worker* w, const zn_rpc_status* st) {
-  if (st->code == ZN_RPC_INVALID_ARGUMENT) {
+  if (st->code == ZN_RPC_INVALID_ARGUMENT || st->code == ZN_RPC_UNAUTHENTICATED ||
+      st->code == ZN_RPC_PERMISSION_DENIED) {
     ZN_ERROR("the coordinator refused this worker: %s", st->message);
     w->shutting_down = 1;
     w->exit_code = 1;
@@ -207,6 +223,7 @@ static void after_work_cb(uv_work_t* req, int status) {
     else
       after_heartbeat(w, c);
   }
+  update_health(w);
   if (c->response) protobuf_c_message_free_unpacked(c->response, NULL);
   free(c);
   if (w->shutting_down && !w->trainer) close_all(w);
@@ -258,6 +275,7 @@ static void on_signal(uv_signal_t* handle, int signum) {
   worker* w = handle->data;
   if (w->shutting_down) return;
   w->shutting_down = 1;
+  update_health(w); /* before the job's checkpoint: a draining worker takes no new work */
   const char* name = signum == SIGTERM ? "SIGTERM" : "SIGINT";
   ZN_INFO("received %s: shutting down", name);
   uv_timer_stop(&w->heartbeat_timer);
@@ -289,11 +307,51 @@ static void choose_device(worker* w) {
   snprintf(w->device_text, sizeof w->device_text, "cuda:%d (%s)", w->device, text);
 }
 
+/* --health-listen: the health service alone, plain text, on a server thread of its own. It says
+ * NOT_SERVING until the first registration. A bad address stops the start. */
+static int start_health(worker* w) {
+  char err[512];
+  int port = 0;
+  w->health = zn_health_create();
+  if (!w->health) return ZN_ERR_NOMEM;
+  update_health(w);
+  int rc = zn_health_listen(w->health, w->cfg.health_listen, &w->health_listener, &port, err,
+                            sizeof err);
+  if (rc != ZN_OK) {
+    ZN_ERROR("--health-listen: %s", err);
+    zn_health_destroy(w->health);
+    w->health = NULL;
+    return rc;
+  }
+  ZN_INFO("health service (plain text) on %s", zn_health_listener_address(w->health_listener));
+  if (w->cfg.health_port_file) {
+    FILE* f = fopen(w->cfg.health_port_file, "w");
+    if (f) {
+      fprintf(f, "%d\n", port);
+      fclose(f);
+    }
+  }
+  return ZN_OK;
+}
+
+static void stop_health(worker* w) {
+  if (!w->health) return;
+  update_health(w);
+  uv_sleep(HEALTH_GRACE_MS);
+  zn_health_listener_stop(w->health_listener);
+  zn_health_destroy(w->health);
+}
+
 int zn_worker_run(const worker_config* cfg) {
   worker w = {0};
   w.cfg = *cfg;
   w.loop = uv_default_loop();
-  w.channel = zn_rpc_channel_open(cfg->coordinator, 1);
+  w.channel = worker_open_channel(cfg);
+  if (!w.channel) return 1;
+  if (cfg->health_listen && start_health(&w) != ZN_OK) {
+    zn_rpc_channel_close(w.channel);
+    return 1;
+  }
   uv_timer_init(w.loop, &w.heartbeat_timer);
   uv_timer_init(w.loop, &w.register_timer);
   w.heartbeat_timer.data = w.register_timer.data = &w;
@@ -311,6 +369,7 @@ int zn_worker_run(const worker_config* cfg) {
   start_register(&w);
   uv_run(w.loop, UV_RUN_DEFAULT);
   uv_loop_close(w.loop);
+  stop_health(&w);
   zn_rpc_channel_close(w.channel);
   ZN_INFO("stopped");
   return w.exit_code;

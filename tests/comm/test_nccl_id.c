@@ -47,7 +47,7 @@ static int start_coordinator(void** state) {
   coordinator = fork();
   if (coordinator == 0) {
     execl(ZN_ZENITHD, ZN_ZENITHD, "coordinator", "--listen", "127.0.0.1:0", "--state", state_dir,
-          "--port-file", port_file, "--log-level", "warn", (char*)NULL);
+          "--port-file", port_file, "--log-level", "warn", "--insecure", (char*)NULL);
     _exit(127);
   }
   for (int i = 0; i < 200; i++) {

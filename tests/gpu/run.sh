@@ -97,12 +97,12 @@ daemon_epoch() {
   local dev=$1 dir="$work/daemons-${1/:/}" job acc
   rm -rf "$dir"; mkdir -p "$dir"
   "$bin/zenithd" coordinator --listen 127.0.0.1:0 --port-file "$dir/port" --state "$dir/state" \
-    2>"$dir/coordinator.log" &
+    --insecure 2>"$dir/coordinator.log" &
   local coord=$!
   for _ in $(seq 100); do [[ -s "$dir/port" ]] && break; sleep 0.1; done
   local addr="127.0.0.1:$(cat "$dir/port")"
   "$bin/zenithd" worker --coordinator "$addr" --name "w-${dev/:/}" --device "$dev" \
-    --threads "$jobs" 2>"$dir/worker.log" &
+    --threads "$jobs" --insecure 2>"$dir/worker.log" &
   local worker=$!
   job=$("$bin/zenithctl" --coordinator "$addr" submit --model cnn --device "${dev%%:*}" \
     --epochs 1 --seed 1 --data-dir "$data")

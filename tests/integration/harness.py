@@ -19,6 +19,7 @@ ZENITH_PROTO (the folder with zenith.proto).
 """
 
 import atexit
+import importlib
 import os
 import re
 import shutil
@@ -71,12 +72,11 @@ def read_port_file(path):
 
 # ---------------------------------------------------------------- gRPC stubs
 
-_stubs = None
 _stubs_lock = threading.Lock()
 
 
-def _generate_stubs(out_dir):
-    proto = os.path.join(PROTO, "zenith.proto")
+def _generate_stubs(out_dir, name="zenith.proto"):
+    proto = os.path.join(PROTO, name)
     try:
         import grpc_tools  # noqa: F401
         cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", PROTO, "--python_out=" + out_dir,
@@ -90,19 +90,31 @@ def _generate_stubs(out_dir):
         raise RuntimeError("generating Python stubs failed: %s\n%s" % (" ".join(cmd), done.stderr))
 
 
-def stubs():
-    """(zenith_pb2, zenith_pb2_grpc), generated once per process into a temporary folder."""
-    global _stubs
+_loaded_stubs = {}
+
+
+def _load_stubs(name):
+    """(NAME_pb2, NAME_pb2_grpc) of proto/NAME.proto, generated once per process into a
+    temporary folder."""
     with _stubs_lock:
-        if _stubs is None:
+        if name not in _loaded_stubs:
             out_dir = tempfile.mkdtemp(prefix="zenith-stubs-")
             atexit.register(shutil.rmtree, out_dir, True)
-            _generate_stubs(out_dir)
+            _generate_stubs(out_dir, name + ".proto")
             sys.path.insert(0, out_dir)
-            import zenith_pb2
-            import zenith_pb2_grpc
-            _stubs = (zenith_pb2, zenith_pb2_grpc)
-        return _stubs
+            _loaded_stubs[name] = (importlib.import_module(name + "_pb2"),
+                                   importlib.import_module(name + "_pb2_grpc"))
+        return _loaded_stubs[name]
+
+
+def stubs():
+    """(zenith_pb2, zenith_pb2_grpc)."""
+    return _load_stubs("zenith")
+
+
+def health_stubs():
+    """(health_pb2, health_pb2_grpc): the standard gRPC health service."""
+    return _load_stubs("health")
 
 
 def state_name(state):
@@ -249,6 +261,11 @@ class Cluster:
         self._stub = None
         self._coordinator_starts = 0
         self.keep = KEEP_LOGS
+        # Loopback plain text, asked for explicitly as zenithd requires; the security tests
+        # put TLS flags here instead.
+        self.coordinator_security = ["--insecure"]
+        self.worker_security = ["--insecure"]
+        self.grpc_credentials = None  # grpc.ChannelCredentials for Cluster.channel; None: plain
 
     # ---- processes
 
@@ -263,7 +280,8 @@ class Cluster:
         n = self._coordinator_starts
         port_file = os.path.join(self.dir, "port-%d" % n)
         args = [os.path.join(BIN, "zenithd"), "coordinator", "--listen", "127.0.0.1:%d" % port,
-                "--state", self.state_dir, "--port-file", port_file] + list(extra_args)
+                "--state", self.state_dir, "--port-file", port_file]
+        args += list(self.coordinator_security) + list(extra_args)
         if self.heartbeat_ms is not None:
             args += ["--heartbeat-ms", str(self.heartbeat_ms)]
         if self.worker_timeout_ms is not None:
@@ -287,11 +305,13 @@ class Cluster:
         self._close_channel()
         return code
 
-    def add_worker(self, name, wait=True, device=None):
+    def add_worker(self, name, wait=True, device=None, extra_args=()):
+        """Starts a worker; extra_args go on its command line."""
         args = [os.path.join(BIN, "zenithd"), "worker", "--coordinator", self.addr,
                 "--name", name, "--threads", "1"]
         if device is not None:
             args += ["--device", device]
+        args += list(self.worker_security) + list(extra_args)
         log = os.path.join(self.dir, "worker-%s-%d.log" % (name, len(self.daemons)))
         w = Daemon("worker " + name, args, log, daemon_env())
         self.workers[name] = w
@@ -353,7 +373,10 @@ class Cluster:
     def channel(self):
         if self._channel is None:
             import grpc
-            self._channel = grpc.insecure_channel(self.addr)
+            if self.grpc_credentials is None:
+                self._channel = grpc.insecure_channel(self.addr)
+            else:
+                self._channel = grpc.secure_channel(self.addr, self.grpc_credentials)
         return self._channel
 
     @property

@@ -557,7 +557,7 @@ class SpecsFlagsAndErrors(CheckpointCase):
         with open(not_a_folder, "w") as f:
             f.write("x")
         cmd = [os.path.join(harness.BIN, "zenithd"), "coordinator", "--listen", "127.0.0.1:0",
-               "--state", c.state_dir, "--checkpoint-dir", not_a_folder]
+               "--state", c.state_dir, "--checkpoint-dir", not_a_folder, "--insecure"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=harness.scaled(20),
                              stdin=subprocess.DEVNULL, env=harness.daemon_env())
         self.assertEqual(out.returncode, 1, out.stderr)

@@ -144,7 +144,7 @@ class Intruders(harness.ClusterTestCase):
         c.start_coordinator()
         first = c.add_worker("w1")
         args = [os.path.join(harness.BIN, "zenithd"), "worker", "--coordinator", c.addr,
-                "--name", "w1", "--threads", "1"]
+                "--name", "w1", "--threads", "1", "--insecure"]
         second = harness.Daemon("worker w1 (second)", args,
                                 os.path.join(c.dir, "worker-w1-second.log"), harness.daemon_env())
         c.daemons.append(second)
