@@ -46,6 +46,11 @@ void ctl_print_job_json(const Zenith__V1__Job* job);
 json_t* ctl_checkpoint_json(const Zenith__V1__Checkpoint* c);
 /* The restarts and checkpoints lines of `zenithctl status`. */
 void ctl_print_job_checkpoints(const Zenith__V1__Job* job);
+/* A spec's sharding; "none" when unset, as from a coordinator that predates the field. */
+const char* ctl_spec_sharding(const Zenith__V1__JobSpec* spec);
+/* 0 when arg is a sharding (none or optimizer); else prints "zenithctl COMMAND: --sharding
+ * expects ..." and returns -1. */
+int ctl_check_sharding(const char* command, const char* arg);
 /* Watches a job until it ends; returns 0 if it succeeded. */
 int ctl_watch_job(const ctl_args* a, const char* id);
 

@@ -5,6 +5,7 @@
  * waits longer than other commands do (--timeout). */
 #include <errno.h>
 #include <jansson.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,14 +196,35 @@ int ctl_checkpoints(const ctl_args* a) {
 
 /* ---------------------------------------------------------------- resume */
 
+/* --workers N of resume: a positive whole number; the coordinator checks it against the job. */
+static int parse_workers(const char* text, int32_t* workers) {
+  char* end;
+  errno = 0;
+  long v = text ? strtol(text, &end, 10) : 0;
+  if (text && (!*text || *end || errno || v < 1 || v > INT32_MAX)) {
+    fprintf(stderr, "zenithctl resume: --workers expects a whole number of at least 1, got '%s'\n",
+            text);
+    return -1;
+  }
+  *workers = (int32_t)v;
+  return 0;
+}
+
 int ctl_resume(const ctl_args* a) {
   const char* job = NULL;
   const char* from = NULL;
-  job_flag flags[] = {{"--from", &from, NULL}};
-  if (parse_job_command(a, flags, 1, &job) != 0) return 2;
+  const char* workers = NULL;
+  const char* sharding = NULL;
+  job_flag flags[] = {
+      {"--from", &from, NULL}, {"--workers", &workers, NULL}, {"--sharding", &sharding, NULL}};
   Zenith__V1__ResumeJobRequest req = ZENITH__V1__RESUME_JOB_REQUEST__INIT;
+  if (parse_job_command(a, flags, 3, &job) != 0 || parse_workers(workers, &req.workers) != 0 ||
+      (sharding && ctl_check_sharding("resume", sharding) != 0))
+    return 2;
+  req.has_workers = req.workers > 0;
   req.id = (char*)job;
   req.from = (char*)from;
+  req.sharding = (char*)sharding;
   Zenith__V1__Job* resumed =
       (void*)ctl_call(a, "/zenith.v1.Zenith/ResumeJob", &req.base, &zenith__v1__job__descriptor);
   if (!resumed) return 1;

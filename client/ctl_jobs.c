@@ -61,6 +61,8 @@ static const char* submit_help =
     "  --device NAME         cpu or cuda: run on workers started with that device (cpu)\n"
     "  --no-cuda-graph       cuda jobs: launch each step's kernels instead of replaying a CUDA\n"
     "                        graph of the step (graphs are on by default)\n"
+    "  --sharding MODE       none, or optimizer: each worker keeps the momentum of its own shard\n"
+    "                        of the parameters only (ZeRO stage 1; cpu jobs) (none)\n"
     "  --name TEXT           a label for the job, shown by status\n"
     "  --watch               follow the job after submitting it\n"
     "Checkpoints and restarts:\n"
@@ -92,6 +94,7 @@ enum {
   S_THREADS,
   S_DEVICE,
   S_NO_GRAPH,
+  S_SHARDING,
   S_NAME,
   S_LR0,
   S_WINDOW,
@@ -121,6 +124,7 @@ static const struct option submit_options[] = {
     {"threads", required_argument, 0, S_THREADS},
     {"device", required_argument, 0, S_DEVICE},
     {"no-cuda-graph", no_argument, 0, S_NO_GRAPH},
+    {"sharding", required_argument, 0, S_SHARDING},
     {"name", required_argument, 0, S_NAME},
     {"lr0", required_argument, 0, S_LR0},
     {"window", required_argument, 0, S_WINDOW},
@@ -212,6 +216,12 @@ static int parse_device(char* arg, char** out) {
   return 0;
 }
 
+int ctl_check_sharding(const char* command, const char* arg) {
+  if (strcmp(arg, "none") == 0 || strcmp(arg, "optimizer") == 0) return 0;
+  fprintf(stderr, "zenithctl %s: --sharding expects none or optimizer, got '%s'\n", command, arg);
+  return -1;
+}
+
 static int parse_spec_flag(int opt, char* arg, Zenith__V1__JobSpec* s) {
   long long v;
   switch (opt) {
@@ -229,6 +239,9 @@ static int parse_spec_flag(int opt, char* arg, Zenith__V1__JobSpec* s) {
       return 0;
     case S_DEVICE:
       return parse_device(arg, &s->device);
+    case S_SHARDING:
+      s->sharding = arg;
+      return ctl_check_sharding("submit", arg);
     case S_NO_GRAPH:
       s->has_cuda_graph = 1;
       s->cuda_graph = 0;
@@ -336,6 +349,10 @@ static const char* spec_device(const Zenith__V1__JobSpec* s) {
   return s->device && s->device[0] ? s->device : "cpu";
 }
 
+const char* ctl_spec_sharding(const Zenith__V1__JobSpec* s) {
+  return s->sharding && s->sharding[0] ? s->sharding : "none";
+}
+
 static json_t* spec_json(const Zenith__V1__JobSpec* s) {
   const Zenith__V1__ZenithParams* p = s->optimizer;
   json_t* opt = json_object();
@@ -359,6 +376,7 @@ static json_t* spec_json(const Zenith__V1__JobSpec* s) {
   json_object_set_new(o, "checkpoint_every", json_integer(s->checkpoint_every));
   json_object_set_new(o, "keep_checkpoints", json_integer(s->keep_checkpoints));
   json_object_set_new(o, "max_restarts", json_integer(s->max_restarts));
+  json_object_set_new(o, "sharding", json_string(ctl_spec_sharding(s)));
   return o;
 }
 
@@ -477,6 +495,10 @@ static void print_job_text(const Zenith__V1__Job* j) {
     printf("model:         %s on %s, %d worker(s), batch %d\n", j->spec->model, j->spec->dataset,
            j->spec->workers, j->spec->batch_size);
   if (j->spec) printf("device:        %s\n", spec_device(j->spec));
+  if (j->spec && strcmp(ctl_spec_sharding(j->spec), "optimizer") == 0)
+    printf("sharding:      optimizer (each worker keeps the momentum of its shard)\n");
+  else if (j->spec)
+    printf("sharding:      %s\n", ctl_spec_sharding(j->spec));
   if (j->spec && j->spec->name && j->spec->name[0]) printf("name:          %s\n", j->spec->name);
   if (j->total_steps > 0)
     printf("step:          %lld of %lld (epoch %d)\n", (long long)j->step,

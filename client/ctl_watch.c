@@ -206,9 +206,13 @@ static void show_eval(view* v, const Zenith__V1__EvalResult* e) {
 static void take_job(view* v, const Zenith__V1__Job* j) {
   if (j->total_steps > 0) v->total_steps = j->total_steps;
   const char* reason = j->reason ? j->reason : "";
-  if (reason[0] && strcmp(reason, v->reason) != 0) {
+  /* The first line says how the job is sharded, unless it is not. */
+  const char* sharding = j->spec ? ctl_spec_sharding(j->spec) : "none";
+  int header = v->jobs_seen == 0 && strcmp(sharding, "none") != 0;
+  if (header || (reason[0] && strcmp(reason, v->reason) != 0)) {
     char text[512];
-    snprintf(text, sizeof text, "%s %s: %s", j->id, ctl_state_name(j->state), reason);
+    snprintf(text, sizeof text, "%s %s%s%s%s%s", j->id, ctl_state_name(j->state),
+             header ? ", sharding " : "", header ? sharding : "", reason[0] ? ": " : "", reason);
     print_above(v, text);
   }
   snprintf(v->reason, sizeof v->reason, "%s", reason);

@@ -5,7 +5,8 @@
  *   zenithctl [--coordinator ADDR] list|status JOB|watch JOB|cancel JOB [--json]
  *   zenithctl [--coordinator ADDR] history JOB [--format csv|json] [-o FILE]
  *   zenithctl [--coordinator ADDR] plot JOB -o FILE.svg|FILE.png
- *   zenithctl [--coordinator ADDR] checkpoint JOB | checkpoints JOB [--json] | resume JOB
+ *   zenithctl [--coordinator ADDR] checkpoint JOB | checkpoints JOB [--json]
+ *   zenithctl [--coordinator ADDR] resume JOB [--from CKPT] [--workers N] [--sharding MODE]
  *
  * Each command is one RPC (watch, history, plot: one stream). Errors print the coordinator's
  * own message, which names the field or job at fault, and exit non-zero. */
@@ -33,8 +34,9 @@ static const char* usage_text =
     "                      ask a running job for a checkpoint; waits until it is written\n"
     "  checkpoints JOB [--json]\n"
     "                      list a job's checkpoints, oldest first\n"
-    "  resume JOB [--from CHECKPOINT]\n"
-    "                      queue a failed or cancelled job again from a checkpoint (its latest)\n"
+    "  resume JOB [--from CHECKPOINT] [--workers N] [--sharding none|optimizer]\n"
+    "                      queue a failed or cancelled job again from a checkpoint (its latest),\n"
+    "                      on N workers and with that sharding from now on (default: as before)\n"
     "  history JOB [--format csv|json] [-o FILE]\n"
     "                      every step's loss, n_t, m_t, M_t and eta_t (JSON: also evaluations\n"
     "                      and events)\n"

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,42 @@ int zn_comm_wait_event(zn_comm* comm, void* event) {
   char detail[ERR_CAP] = "";
   rc = comm->ops->wait_event(comm->impl, event, detail, sizeof detail);
   return rc == ZN_OK ? ZN_OK : fail(comm, rc, what, detail);
+}
+
+/* The two collectives over size blocks of n units each: floats summed by reduce-scatter, or bytes
+ * gathered. */
+typedef enum { REDUCE_SCATTER_SUM, ALLGATHER } blockwise_op;
+
+static int blockwise(zn_comm* comm, blockwise_op op, void* buf, size_t n) {
+  if (!comm) return ZN_ERR_INVALID;
+  char what[96];
+  if (op == REDUCE_SCATTER_SUM) {
+    snprintf(what, sizeof(what), "reduce_scatter_sum of %zu floats per rank", n);
+  } else {
+    snprintf(what, sizeof(what), "allgather of %zu bytes per rank", n);
+  }
+  size_t unit = op == REDUCE_SCATTER_SUM ? sizeof(float) : 1;
+  if (n > 0 && !buf) return fail(comm, ZN_ERR_INVALID, what, "buffer is NULL");
+  if (n > SIZE_MAX / unit / (size_t)comm->size)
+    return fail(comm, ZN_ERR_INVALID, what, "the buffer's size overflows size_t");
+  if (!comm->ops || n == 0) return ZN_OK;
+
+  char detail[ERR_CAP] = "";
+  pipe_guard g;
+  guard_enter(&g);
+  int rc = op == REDUCE_SCATTER_SUM
+               ? comm->ops->reduce_scatter_sum(comm->impl, buf, n, detail, sizeof(detail))
+               : comm->ops->allgather(comm->impl, buf, n, detail, sizeof(detail));
+  guard_leave(&g);
+  return rc == ZN_OK ? ZN_OK : fail(comm, rc, what, detail);
+}
+
+int zn_comm_reduce_scatter_sum(zn_comm* comm, float* buf, size_t count) {
+  return blockwise(comm, REDUCE_SCATTER_SUM, buf, count);
+}
+
+int zn_comm_allgather(zn_comm* comm, void* buf, size_t bytes) {
+  return blockwise(comm, ALLGATHER, buf, bytes);
 }
 
 int zn_comm_broadcast(zn_comm* comm, void* buf, size_t bytes, int root) {

@@ -57,6 +57,18 @@ int zn_comm_allreduce_sum_f64(zn_comm* comm, double* buf, size_t n);
 int zn_comm_allreduce_sum_queued(zn_comm* comm, float* buf, size_t n);
 int zn_comm_wait_event(zn_comm* comm, void* event);
 
+/* Reduce-scatter of a sum, in place. buf holds size * count floats in size blocks of count, block
+ * r being buf[r * count, (r + 1) * count). On return block `rank` holds the element-wise sum of
+ * that block over all ranks; the other blocks are scratch and their contents undefined. count
+ * may be 0. The order of the additions is fixed, so the same inputs give the same bits on every
+ * run. Gloo refuses a buffer of more than INT_MAX bytes with ZN_ERR_INVALID. */
+int zn_comm_reduce_scatter_sum(zn_comm* comm, float* buf, size_t count);
+
+/* All-gather in place. buf holds size * bytes bytes in size blocks; block `rank`, [rank * bytes,
+ * (rank + 1) * bytes), is this rank's input. On return every block holds its owner's input.
+ * bytes may be 0. */
+int zn_comm_allgather(zn_comm* comm, void* buf, size_t bytes);
+
 /* Copies root's buf into every other rank's buf. */
 int zn_comm_broadcast(zn_comm* comm, void* buf, size_t bytes, int root);
 

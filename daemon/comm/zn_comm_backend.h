@@ -28,6 +28,9 @@ typedef struct {
    * for a CUDA event under the backend's watchdog. */
   int (*allreduce_queue)(void* impl, float* buf, size_t n, char* err, size_t errlen);
   int (*wait_event)(void* impl, void* event, char* err, size_t errlen);
+  /* buf holds size blocks of count floats (or bytes bytes), count and bytes > 0; see zn_comm.h. */
+  int (*reduce_scatter_sum)(void* impl, float* buf, size_t count, char* err, size_t errlen);
+  int (*allgather)(void* impl, void* buf, size_t bytes, char* err, size_t errlen);
 } zn_comm_ops;
 
 /* Connects a backend to the peers named by cfg (size >= 2, already validated) and returns its

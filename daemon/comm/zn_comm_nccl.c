@@ -18,6 +18,7 @@
 
 typedef struct {
   ncclComm_t comm;
+  int rank;
   cudaStream_t stream;
   atomic_int* stop;
   int timeout_ms;
@@ -141,6 +142,7 @@ static int connect_nccl(const zn_comm_config* cfg, const zn_kv* kv, void* arg, v
   x->stream = (cudaStream_t)o->stream;
   x->stop = o->stop;
   x->timeout_ms = cfg->timeout_ms;
+  x->rank = cfg->rank;
   cudaError_t ce = cudaSetDevice(o->device);
   if (ce == cudaSuccess) ce = cudaMalloc((void**)&x->scratch, sizeof(float));
   if (ce != cudaSuccess) {
@@ -170,6 +172,13 @@ static int finish(nccl_impl* x, ncclResult_t r, const char* what, char* err, siz
     snprintf(err, errlen, "%s: NCCL: %s", what, ncclGetErrorString(r));
     return ZN_ERR_COMM;
   }
+  /* ncclInProgress: a non-blocking communicator has not yet put the operation on the stream (it
+   * may still be connecting to peers, as on the first collective of a kind), so until its state
+   * is ncclSuccess an idle stream says nothing. */
+  if (r == ncclInProgress) {
+    int rc = watch(x, comm_ready, what, err, errlen);
+    if (rc != ZN_OK) return rc;
+  }
   return watch(x, stream_done, what, err, errlen);
 }
 
@@ -187,6 +196,26 @@ static int broadcast(void* impl, void* buf, size_t bytes, int root, char* err, s
   if (!x->comm) return finish(x, ncclSuccess, "broadcast", err, errlen);
   return finish(x, ncclBroadcast(buf, buf, bytes, ncclUint8, root, x->comm, x->stream), "broadcast",
                 err, errlen);
+}
+
+/* In place: NCCL allows the receive buffer to be the sender's own block of the send buffer. */
+static int reduce_scatter_sum(void* impl, float* buf, size_t count, char* err, size_t errlen) {
+  nccl_impl* x = impl;
+  const char* what = "reduce-scatter";
+  if (!x->comm) return finish(x, ncclSuccess, what, err, errlen);
+  float* mine = buf + (size_t)x->rank * count;
+  return finish(x, ncclReduceScatter(buf, mine, count, ncclFloat32, ncclSum, x->comm, x->stream),
+                what, err, errlen);
+}
+
+/* In place: the send buffer is this rank's block of the receive buffer. */
+static int allgather(void* impl, void* buf, size_t bytes, char* err, size_t errlen) {
+  nccl_impl* x = impl;
+  const char* what = "allgather";
+  if (!x->comm) return finish(x, ncclSuccess, what, err, errlen);
+  const char* mine = (const char*)buf + (size_t)x->rank * bytes;
+  return finish(x, ncclAllGather(mine, buf, bytes, ncclUint8, x->comm, x->stream), what, err,
+                errlen);
 }
 
 static int barrier(void* impl, char* err, size_t errlen) {
@@ -216,8 +245,9 @@ static int wait_event(void* impl, void* event, char* err, size_t errlen) {
   return watch(x, event_done, "the queued step", err, errlen);
 }
 
-static const zn_comm_ops nccl_ops = {"nccl",  allreduce_sum,   broadcast, barrier,
-                                     destroy, allreduce_queue, wait_event};
+static const zn_comm_ops nccl_ops = {"nccl",   allreduce_sum,   broadcast,  barrier,
+                                     destroy,  allreduce_queue, wait_event, reduce_scatter_sum,
+                                     allgather};
 
 int zn_comm_create_nccl(const zn_comm_config* cfg, const zn_kv* kv,
                         const zn_comm_nccl_options* options, zn_comm** out, char* err,

@@ -618,11 +618,13 @@ static const Checkpoint* resume_checkpoint(zn_rpc_call* call, const Job* job, co
   return NULL;
 }
 
-/* A final job, as stored, becomes active again, queued to continue from checkpoint c. */
-static active_job* reactivate(coordinator* co, const Job* stored, const Checkpoint* c) {
+/* A final job becomes active again, queued to continue from checkpoint c. `job` is a copy of the
+ * stored job with the request's changes to its spec applied (`changes` names them, "" for none);
+ * it is taken over. The job is stored before anything announces it; NULL when the store refused
+ * it, and then the stored job is as it was. */
+static active_job* reactivate(coordinator* co, Job* job, const Checkpoint* c, const char* changes) {
   active_job* a = calloc(1, sizeof *a);
-  a->job = zn_rpc_clone_message(&stored->base); /* every part malloc'd, to edit field by field */
-  Job* job = a->job;
+  a->job = job;
   a->attempt = past_attempts(co, job->id);
   job->state = QUEUED;
   free(job->error);
@@ -631,18 +633,41 @@ static active_job* reactivate(coordinator* co, const Job* stored, const Checkpoi
   job->finished_unix_ms = 0;
   job->restarts = 0; /* a resumed job has its whole budget of restarts again */
   set_latest(job, c);
-  snprintf(a->requeue_note, sizeof a->requeue_note, "resuming from checkpoint %s (step %lld)",
-           c->id, (long long)c->step);
+  const char* sep = changes[0] ? "; " : "";
+  snprintf(a->requeue_note, sizeof a->requeue_note, "resuming from checkpoint %s (step %lld)%s%s",
+           c->id, (long long)c->step, sep, changes);
   coord_set_string(&job->reason, a->requeue_note);
-  coord_save_job(co, job);
+  if (zn_store_put_job(co->store, job) != ZN_OK) {
+    ZN_ERROR("job %s: the resumed job could not be saved; it stays as it was: %s", job->id,
+             zn_store_errmsg(co->store));
+    free(a);
+    return NULL;
+  }
   active_job** tail = &co->active;
   while (*tail) tail = &(*tail)->next;
   *tail = a;
-  coord_record_event(co, a, "resumed", "resumed by a user from checkpoint %s at step %lld", c->id,
-                     (long long)c->step);
-  ZN_INFO("job %s QUEUED: resuming from checkpoint %s at step %lld", job->id, c->id,
-          (long long)c->step);
+  coord_record_event(co, a, "resumed", "resumed by a user from checkpoint %s at step %lld%s%s",
+                     c->id, (long long)c->step, sep, changes);
+  ZN_INFO("job %s QUEUED: resuming from checkpoint %s at step %lld%s%s", job->id, c->id,
+          (long long)c->step, sep, changes);
   return a;
+}
+
+/* The stored job with the request's workers and sharding applied, or NULL after failing the
+ * call; `changes` gets what changed. */
+static Job* resumed_copy(zn_rpc_call* call, const Job* stored,
+                         const Zenith__V1__ResumeJobRequest* req, char* changes, size_t len) {
+  Job* job = zn_rpc_clone_message(&stored->base); /* every part malloc'd, to edit field by field */
+  coord_spec_fill_stored(job->spec);
+  char err[512];
+  if (!job->spec || coord_spec_resume(job->spec, req->workers, req->sharding, changes, len, err,
+                                      sizeof err) != 0) {
+    zn_rpc_fail(call, ZN_RPC_INVALID_ARGUMENT, "cannot resume job %s: %s; the job is unchanged",
+                stored->id, job->spec ? err : "spec: missing");
+    zenith__v1__job__free_unpacked(job, NULL);
+    return NULL;
+  }
+  return job;
 }
 
 static void handle_resume(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
@@ -667,16 +692,27 @@ static void handle_resume(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     zenith__v1__job__free_unpacked(job, NULL);
     return;
   }
+  char changes[128]; /* "on 256 workers (was 128), sharding optimizer (was none)" */
+  Job* next = resumed_copy(call, job, req, changes, sizeof changes);
+  zenith__v1__job__free_unpacked(job, NULL);
+  if (!next) return;
   Checkpoint** list = NULL;
   size_t n = 0;
   if (zn_store_list_checkpoints(co->store, id, &list, &n) != ZN_OK) {
     zn_rpc_fail(call, ZN_RPC_INTERNAL, "the coordinator's database could not list checkpoints");
-    zenith__v1__job__free_unpacked(job, NULL);
+    zenith__v1__job__free_unpacked(next, NULL);
     return;
   }
-  const Checkpoint* from = resume_checkpoint(call, job, req->from, list, n);
-  if (from) zn_rpc_reply(call, &reactivate(co, job, from)->job->base);
-  zenith__v1__job__free_unpacked(job, NULL);
+  const Checkpoint* from = resume_checkpoint(call, next, req->from, list, n);
+  active_job* a = from ? reactivate(co, next, from, changes) : NULL;
+  if (a) {
+    zn_rpc_reply(call, &a->job->base);
+  } else {
+    if (from)
+      zn_rpc_fail(call, ZN_RPC_INTERNAL,
+                  "the coordinator's database could not save job %s; it is unchanged", id);
+    zenith__v1__job__free_unpacked(next, NULL);
+  }
   zn_store_free_checkpoints(list, n);
 }
 

@@ -8,7 +8,8 @@
  * spec.max_restarts times), and every assignment lists the job's checkpoints to continue from,
  * newest first. A worker leaving on SIGTERM (preempted) requeues its job the same way without
  * using up a restart. CheckpointJob asks a running job for a checkpoint and answers once one is
- * recorded; ResumeJob puts a failed or cancelled job back in the queue from a checkpoint. */
+ * recorded; ResumeJob puts a failed or cancelled job back in the queue from a checkpoint, on as
+ * many workers and with the sharding it asks for (default: as before). */
 #ifndef ZN_COORD_CKPT_H
 #define ZN_COORD_CKPT_H
 

@@ -24,6 +24,21 @@ const char* coord_spec_device(const Zenith__V1__JobSpec* spec) {
   return spec->device && spec->device[0] ? spec->device : "cpu";
 }
 
+const char* coord_spec_sharding(const Zenith__V1__JobSpec* spec) {
+  return spec->sharding && spec->sharding[0] ? spec->sharding : "none";
+}
+
+/* Only the CPU step keeps a shard of the momentum; the GPU step keeps all of it. */
+static int validate_sharding(const char* sharding, const char* device, char* err, size_t errlen) {
+  if (strcmp(sharding, "none") != 0 && strcmp(sharding, "optimizer") != 0)
+    FAIL("sharding: unknown sharding '%s'; choose none or optimizer", sharding);
+  if (strcmp(sharding, "optimizer") == 0 && strcmp(device, "cuda") == 0)
+    FAIL(
+        "sharding: 'optimizer' runs on cpu jobs only in this version; use --sharding none for "
+        "cuda jobs");
+  return 0;
+}
+
 static int validate_optimizer(const Zenith__V1__ZenithParams* p, char* err, size_t errlen) {
   if (!p) return 0;
   if (!isfinite(p->lr0) || p->lr0 <= 0)
@@ -55,6 +70,8 @@ int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errle
     FAIL("dataset: unknown dataset '%s'; the supported dataset is fashion-mnist", spec->dataset);
   if (!coord_spec_known_device(coord_spec_device(spec)))
     FAIL("device: unknown device '%s'; choose cpu or cuda", spec->device);
+  if (validate_sharding(coord_spec_sharding(spec), coord_spec_device(spec), err, errlen) != 0)
+    return -1;
   if (spec->workers < 1 || spec->workers > ZN_MAX_WORKERS)
     FAIL("workers: must be between 1 and %d (got %d)", ZN_MAX_WORKERS, spec->workers);
   if (spec->batch_size < 1 || spec->batch_size > 65536)
@@ -80,10 +97,60 @@ int coord_spec_validate(const Zenith__V1__JobSpec* spec, char* err, size_t errle
   return validate_optimizer(spec->optimizer, err, errlen);
 }
 
+/* "1, 2, 4": the worker counts up to ZN_MAX_WORKERS that divide batch_size. */
+static void list_divisors(int batch_size, char* out, size_t len) {
+  size_t used = 0;
+  out[0] = '\0';
+  for (int w = 1; w <= ZN_MAX_WORKERS && w <= batch_size && used < len; w++)
+    if (batch_size % w == 0)
+      used += (size_t)snprintf(out + used, len - used, "%s%d", used ? ", " : "", w);
+}
+
+/* A resume names the workers it wants, so the message names workers first, and what fits. */
+static int validate_resume_workers(const Zenith__V1__JobSpec* spec, int workers, char* err,
+                                   size_t errlen) {
+  if (workers < 1 || workers > ZN_MAX_WORKERS)
+    FAIL("workers: must be between 1 and %d, or 0 to keep the job's %d (got %d)", ZN_MAX_WORKERS,
+         spec->workers, workers);
+  if (spec->batch_size % workers != 0) {
+    char fits[400];
+    list_divisors(spec->batch_size, fits, sizeof fits);
+    FAIL(
+        "workers: %d does not divide batch_size %d; each worker takes an equal slice, so "
+        "choose one of %s",
+        workers, spec->batch_size, fits);
+  }
+  return 0;
+}
+
 static void set_default_string(char** field, const char* value) {
   if (*field && (*field)[0]) return;
   free(*field);
   *field = strdup(value);
+}
+
+int coord_spec_resume(Zenith__V1__JobSpec* spec, int workers, const char* sharding, char* changes,
+                      size_t changes_len, char* err, size_t errlen) {
+  size_t used = 0;
+  changes[0] = '\0';
+  if (workers != 0 && validate_resume_workers(spec, workers, err, errlen) != 0) return -1;
+  if (workers != 0 && workers != spec->workers) {
+    used +=
+        (size_t)snprintf(changes, changes_len, "on %d workers (was %d)", workers, spec->workers);
+    spec->has_workers = 1;
+    spec->workers = workers;
+  }
+
+  if (!sharding || !sharding[0]) return 0;
+  if (validate_sharding(sharding, coord_spec_device(spec), err, errlen) != 0) return -1;
+  const char* was = coord_spec_sharding(spec);
+  if (strcmp(sharding, was) == 0) return 0;
+  if (used < changes_len)
+    snprintf(changes + used, changes_len - used, "%ssharding %s (was %s)", used ? ", " : "",
+             sharding, was);
+  free(spec->sharding); /* after the last use of `was`, which may point into it */
+  spec->sharding = strdup(sharding);
+  return 0;
 }
 
 void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec) {
@@ -91,6 +158,7 @@ void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec) {
   set_default_string(&spec->data_dir, ZN_DEFAULT_DATA_DIR);
   set_default_string(&spec->name, "");
   set_default_string(&spec->device, "cpu");
+  coord_spec_fill_stored(spec);
   spec->has_workers = spec->has_batch_size = spec->has_epochs = spec->has_max_steps = 1;
   spec->has_seed = spec->has_eval_every = spec->has_threads = spec->has_cuda_graph = 1;
   spec->has_checkpoint_every = spec->has_keep_checkpoints = spec->has_max_restarts = 1;
@@ -101,4 +169,8 @@ void coord_spec_fill_defaults(Zenith__V1__JobSpec* spec) {
   Zenith__V1__ZenithParams* p = spec->optimizer;
   p->has_lr0 = p->has_window = p->has_momentum = p->has_nesterov = 1;
   p->has_weight_decay = p->has_decoupled_decay = p->has_lr_min = p->has_spike_factor = 1;
+}
+
+void coord_spec_fill_stored(Zenith__V1__JobSpec* spec) {
+  if (spec) set_default_string(&spec->sharding, "none");
 }

@@ -211,11 +211,14 @@ static void handle_submit(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     }
   }
   const Zenith__V1__JobSpec* spec = a->job->spec;
-  coord_record_event(co, a, "submitted", "job submitted: model %s, %d %s worker(s), batch %d",
-                     spec->model, spec->workers, spec->device, spec->batch_size);
-  ZN_INFO("job %s QUEUED: model %s, %d %s worker(s), batch %d, %d epoch(s), max %lld steps", id,
+  char sharded[48] = "";
+  if (strcmp(spec->sharding, "none") != 0)
+    snprintf(sharded, sizeof sharded, ", sharding %.32s", spec->sharding);
+  coord_record_event(co, a, "submitted", "job submitted: model %s, %d %s worker(s), batch %d%s",
+                     spec->model, spec->workers, spec->device, spec->batch_size, sharded);
+  ZN_INFO("job %s QUEUED: model %s, %d %s worker(s), batch %d, %d epoch(s), max %lld steps%s", id,
           spec->model, spec->workers, spec->device, spec->batch_size, spec->epochs,
-          (long long)spec->max_steps);
+          (long long)spec->max_steps, sharded);
 
   schedule(co); /* start it now if workers are idle, rather than at the next tick */
   Zenith__V1__SubmitJobResponse resp = ZENITH__V1__SUBMIT_JOB_RESPONSE__INIT;
@@ -230,6 +233,7 @@ static Job* load_job(coordinator* co, const char* id, int* owned) {
   if (a) return a->job;
   Job* job = NULL;
   if (zn_store_get_job(co->store, id, &job) != ZN_OK) return NULL;
+  coord_spec_fill_stored(job->spec);
   *owned = 1;
   return job;
 }
@@ -260,6 +264,7 @@ static void handle_list(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg
   Job** view = malloc((n ? n : 1) * sizeof *view);
   for (size_t i = 0; i < n; i++) {
     active_job* a = coord_find_active(co, jobs[i]->id);
+    if (!a) coord_spec_fill_stored(jobs[i]->spec);
     view[i] = a ? a->job : jobs[i];
   }
   Zenith__V1__ListJobsResponse resp = ZENITH__V1__LIST_JOBS_RESPONSE__INIT;
@@ -805,6 +810,7 @@ static int load_active_jobs(coordinator* co) {
     if (is_final(jobs[i]->state)) continue;
     active_job* a = calloc(1, sizeof *a);
     a->job = zn_rpc_clone_message(&jobs[i]->base);
+    coord_spec_fill_stored(a->job->spec);
     *tail = a;
     tail = &a->next;
     coord_ckpt_reload_job(co, a);

@@ -10,6 +10,7 @@
  * small allreduce adds the sums up. */
 #include "trainer.h"
 
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -182,6 +183,28 @@ static int plan_steps(run* r) {
   return ZN_OK;
 }
 
+/* Bytes the allocator has handed out, over all arenas and mmapped blocks. */
+static size_t heap_in_use(void) {
+  struct mallinfo2 mi = mallinfo2();
+  return mi.uordblks + mi.hblkhd;
+}
+
+/* The momentum of this rank's part of the vector (all of it unless sharded), with the heap it
+ * took measured rather than computed: the number a user compares across worker counts. */
+static int alloc_optimizer_state(run* r) {
+  size_t n = zn_model_num_params(r->model);
+  zn_shard_plan_make(n, r->sharded ? r->world : 1, r->sharded ? r->rank : 0, &r->plan);
+  if (r->sharded && zn_model_reserve(r->model, zn_shard_padded(&r->plan)) != ZN_OK)
+    return ZN_ERR_NOMEM;
+  size_t len = r->plan.hi - r->plan.lo;
+  size_t before = heap_in_use();
+  r->momentum = calloc(len ? len : 1, sizeof(float));
+  size_t after = heap_in_use();
+  r->optimizer_bytes = after > before ? after - before : 0;
+  if (r->momentum) memset(r->momentum, 0, len * sizeof(float)); /* resident, as in training */
+  return r->momentum ? ZN_OK : ZN_ERR_NOMEM;
+}
+
 static int build_model(run* r) {
   int eval_batch = r->local_batch > 500 ? r->local_batch : 500;
   if (zn_model_create(r->spec->model, eval_batch, &r->model) != ZN_OK) {
@@ -190,13 +213,14 @@ static int build_model(run* r) {
   }
   zn_model_init(r->model, r->spec->seed);
   size_t n = zn_model_num_params(r->model);
-  r->momentum = calloc(n, sizeof(float));
-  r->reduced = calloc(n + 2, sizeof(float));
+  int state_ok = alloc_optimizer_state(r) == ZN_OK;
+  if (!r->sharded) r->reduced = calloc(n + 2, sizeof(float));
   r->window = calloc((size_t)r->params.window, sizeof(double));
   r->batch_x = malloc((size_t)eval_batch * 784 * sizeof(float));
   r->batch_y = malloc((size_t)eval_batch);
   r->perm = malloc((size_t)r->train.count * sizeof(uint32_t));
-  if (!r->momentum || !r->reduced || !r->window || !r->batch_x || !r->batch_y || !r->perm) {
+  if (!state_ok || (!r->sharded && !r->reduced) || !r->window || !r->batch_x || !r->batch_y ||
+      !r->perm) {
     snprintf(r->error, sizeof r->error, "out of memory for a model of %zu parameters", n);
     return ZN_ERR_NOMEM;
   }
@@ -252,17 +276,9 @@ static int evaluate(run* r, double* loss, double* accuracy) {
   return ZN_OK;
 }
 
-/* One optimizer step. Returns 1 when every rank agreed to stop. */
-static int train_step(run* r, int64_t t, int* stop_out) {
-  int64_t in_epoch = t % r->steps_per_epoch;
-  int epoch = (int)(t / r->steps_per_epoch);
-  if (in_epoch == 0 || t == r->start_step)
-    zn_data_permutation(r->perm, (uint32_t)r->train.count, r->spec->seed, epoch);
-  const uint32_t* mine = r->perm + in_epoch * r->spec->batch_size + r->rank * r->local_batch;
-  gather_batch(r, mine, r->local_batch);
-
-  int correct;
-  float loss = zn_model_train_batch(r->model, r->batch_x, r->batch_y, r->local_batch, &correct);
+/* The unsharded reduction and update: one allreduce of the gradient with the loss and the stop
+ * flag riding at its end, then the whole step on every rank. */
+static int reduce_and_step(run* r, int64_t t, int epoch, float loss, int* stop_out) {
   size_t n = zn_model_num_params(r->model);
   memcpy(r->reduced, zn_model_grads(r->model), n * sizeof(float));
   r->reduced[n] = loss;
@@ -286,22 +302,120 @@ static int train_step(run* r, int64_t t, int* stop_out) {
   return ZN_OK;
 }
 
+/* The scalars of a sharded step's one small allreduce. Besides the sum of squares, each rank's
+ * loss and stop flags ride it, and rank 0's wish for a checkpoint: every rank learns at the same
+ * step whether to stop, and whether the momentum must be gathered for a checkpoint. */
+enum { SC_SUMSQ, SC_LOSS, SC_STOP, SC_LEAVING, SC_CHECKPOINT, SC_COUNT };
+
+static int reduce_and_step_sharded(run* r, int64_t t, int epoch, float loss, int* stop_out) {
+  int stop = atomic_load(&r->t->stop);
+  double sc[SC_COUNT] = {0};
+  sc[SC_LOSS] = loss;
+  sc[SC_STOP] = stop != 0;
+  sc[SC_LEAVING] = stop == 2;
+  sc[SC_CHECKPOINT] =
+      r->rank == 0 && atomic_load(&r->t->checkpoint_request) > r->checkpoint_answered;
+  float* g = zn_model_grads(r->model);
+  if (zn_shard_reduce(r->comm, &r->plan, g, sc, SC_COUNT) != ZN_OK) {
+    snprintf(r->error, sizeof r->error, "gradient reduce-scatter at step %lld failed: %s",
+             (long long)(t + 1), zn_comm_error(r->comm));
+    return ZN_ERR_COMM;
+  }
+  if (sc[SC_STOP] > 0) {
+    *stop_out = 1;
+    r->someone_leaving = sc[SC_LEAVING] > 0;
+    return ZN_OK;
+  }
+  r->checkpoint_asked = sc[SC_CHECKPOINT] > 0;
+
+  double norm;
+  zn_step_outcome outcome;
+  float scale = 1.0f / (float)r->world;
+  if (zn_shard_update(r->comm, &r->plan, &r->params, &r->state, scale, sc[SC_SUMSQ],
+                      zn_model_params(r->model), g, r->momentum, &outcome, &norm) != ZN_OK) {
+    snprintf(r->error, sizeof r->error, "parameter all-gather at step %lld failed: %s",
+             (long long)(t + 1), zn_comm_error(r->comm));
+    return ZN_ERR_COMM;
+  }
+  trainer_warn_skipped(r, outcome, norm);
+  if (r->rank == 0) trainer_record_step(r, outcome, norm, sc[SC_LOSS] * scale, epoch + 1);
+  return ZN_OK;
+}
+
+/* One optimizer step. *stop_out becomes 1 when every rank agreed to stop. */
+static int train_step(run* r, int64_t t, int* stop_out) {
+  int64_t in_epoch = t % r->steps_per_epoch;
+  int epoch = (int)(t / r->steps_per_epoch);
+  if (in_epoch == 0 || t == r->start_step)
+    zn_data_permutation(r->perm, (uint32_t)r->train.count, r->spec->seed, epoch);
+  const uint32_t* mine = r->perm + in_epoch * r->spec->batch_size + r->rank * r->local_batch;
+  gather_batch(r, mine, r->local_batch);
+
+  int correct;
+  float loss = zn_model_train_batch(r->model, r->batch_x, r->batch_y, r->local_batch, &correct);
+  if (r->sharded) return reduce_and_step_sharded(r, t, epoch, loss, stop_out);
+  return reduce_and_step(r, t, epoch, loss, stop_out);
+}
+
+/* Sharded checkpoints are collective: every rank gathers the momentum into its spent gradient
+ * buffer (the next backward pass overwrites it), then `write` says whether this rank writes the
+ * file. Returns ZN_ERR_COMM, with r->error set, when the gather failed (the job cannot go on);
+ * otherwise what the write returned, or ZN_OK for a rank that does not write. */
+static int checkpoint_sharded(run* r, int write, int64_t request) {
+  const char* dir = r->t->asg->checkpoint_dir;
+  if (!dir || !dir[0]) return ZN_OK; /* no checkpoints: the same on every rank */
+  float* full = zn_model_grads(r->model);
+  if (zn_shard_gather(r->comm, &r->plan, r->momentum, full) != ZN_OK) {
+    snprintf(r->error, sizeof r->error,
+             "momentum all-gather for the checkpoint at step %lld "
+             "failed: %s",
+             (long long)r->state.step, zn_comm_error(r->comm));
+    return ZN_ERR_COMM;
+  }
+  r->last_checkpoint_step = r->state.step; /* on every rank: they decide the final one alike */
+  if (!write) return ZN_OK;
+  r->momentum_full = full;
+  int rc = trainer_checkpoint(r, request);
+  r->momentum_full = NULL;
+  return rc;
+}
+
 void trainer_checkpoint_if_leaving(run* r) {
   /* Leaving on SIGTERM (the worker is being taken away): a checkpoint first, so the job goes on
    * elsewhere from here rather than from the last scheduled one. Any rank can write it. */
   if (atomic_load(&r->t->stop) == 2 && trainer_checkpoint(r, 0) == ZN_OK) r->preempted = 1;
 }
 
-/* After a step: rank 0 writes the scheduled checkpoint, or the one the coordinator asked for. */
-static void maybe_checkpoint(run* r) {
-  if (r->rank != 0) return;
+/* After a step: rank 0 writes the scheduled checkpoint, or the one the coordinator asked for.
+ * Sharded, every rank takes part (its asking was shared by the step's allreduce); only a failed
+ * gather is returned as an error. */
+static int maybe_checkpoint(run* r) {
   int every = r->spec->checkpoint_every;
   int64_t request = atomic_load(&r->t->checkpoint_request);
   int scheduled = every > 0 && r->state.step % every == 0;
-  int asked = request > r->checkpoint_answered;
-  if (!scheduled && !asked) return;
-  if (trainer_checkpoint(r, asked ? request : 0) == ZN_OK && asked)
-    r->checkpoint_answered = request;
+  int asked = r->sharded ? r->checkpoint_asked : request > r->checkpoint_answered;
+  if (!scheduled && !asked) return ZN_OK;
+  if (r->rank != 0 && !r->sharded) return ZN_OK;
+  int64_t answering = asked && r->rank == 0 ? request : 0;
+  int rc = r->sharded ? checkpoint_sharded(r, r->rank == 0, answering)
+                      : trainer_checkpoint(r, answering);
+  if (rc == ZN_OK && answering) r->checkpoint_answered = answering;
+  return rc == ZN_ERR_COMM ? rc : ZN_OK;
+}
+
+/* Sharded, a rank leaving on SIGTERM needs its peers' momentum: all of them gather it. */
+static void checkpoint_leaving_sharded(run* r) {
+  if (!r->someone_leaving) return;
+  int leaving = atomic_load(&r->t->stop) == 2;
+  if (checkpoint_sharded(r, leaving, 0) == ZN_OK && leaving) r->preempted = 1;
+}
+
+/* The trained model is kept: a final checkpoint, unless the last step just wrote one. */
+static int final_checkpoint(run* r) {
+  if (r->last_checkpoint_step == r->state.step) return ZN_OK;
+  if (r->sharded && checkpoint_sharded(r, r->rank == 0, 0) == ZN_ERR_COMM) return ZN_ERR_COMM;
+  if (!r->sharded && r->rank == 0) trainer_checkpoint(r, 0);
+  return ZN_OK;
 }
 
 static int run_loop(run* r, double* test_loss, double* test_accuracy) {
@@ -309,8 +423,8 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
   r->last_report = zn_mono_sec();
   for (int64_t t = r->start_step; t < r->total_steps && !stop; t++) {
     int rc = train_step(r, t, &stop);
+    if (rc == ZN_OK && !stop) rc = maybe_checkpoint(r);
     if (rc != ZN_OK) return rc;
-    if (!stop) maybe_checkpoint(r);
     int every = r->spec->eval_every;
     if (!stop && every > 0 && (t + 1) % every == 0 && t + 1 < r->total_steps) {
       double loss, acc;
@@ -321,12 +435,14 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
   }
   if (r->rank == 0 && r->n_pending) trainer_send_report(r);
   if (stop) {
-    trainer_checkpoint_if_leaving(r);
+    if (r->sharded)
+      checkpoint_leaving_sharded(r);
+    else
+      trainer_checkpoint_if_leaving(r);
     return ZN_ERR_CANCELLED;
   }
-  /* The trained model is kept: a final checkpoint, unless the last step just wrote one. */
-  if (r->rank == 0 && r->last_checkpoint_step != r->state.step) trainer_checkpoint(r, 0);
-  int rc = evaluate(r, test_loss, test_accuracy);
+  int rc = final_checkpoint(r);
+  if (rc == ZN_OK) rc = evaluate(r, test_loss, test_accuracy);
   if (rc == ZN_OK && r->rank == 0)
     trainer_report_eval(r, r->state.step, *test_loss, *test_accuracy);
   return rc;
@@ -415,6 +531,21 @@ static int run_on_gpu(run* r, double* test_loss, double* test_accuracy) {
 #endif
 }
 
+static void log_optimizer_state(const run* r) {
+  const zn_shard_plan* p = &r->plan;
+  if (r->sharded)
+    ZN_INFO(
+        "sharding optimizer: this rank keeps the momentum of parameters [%zu, %zu) of %zu "
+        "(%zu); optimizer state %zu bytes (heap measured)",
+        p->lo, p->hi, p->n, p->hi - p->lo, r->optimizer_bytes);
+  else
+    ZN_INFO("sharding none: optimizer state %zu bytes (heap measured)", r->optimizer_bytes);
+}
+
+static int is_sharded(const Zenith__V1__JobSpec* spec) {
+  return spec->sharding && strcmp(spec->sharding, "optimizer") == 0;
+}
+
 static int run_job(run* r, double* test_loss, double* test_accuracy) {
   int rc = load_data(r);
   if (rc == ZN_OK) rc = plan_steps(r);
@@ -427,6 +558,7 @@ static int run_job(run* r, double* test_loss, double* test_accuracy) {
       "(%d per rank), %d thread(s)",
       r->rank, r->world, r->spec->model, zn_model_num_params(r->model), (long long)r->total_steps,
       r->spec->batch_size, r->local_batch, threads_for(r->t));
+  log_optimizer_state(r);
   rc = join_peers(r);
   if (rc == ZN_OK) rc = run_loop(r, test_loss, test_accuracy);
   return rc;
@@ -441,6 +573,7 @@ static void* trainer_main(void* arg) {
   r.world = t->asg->world_size;
   r.local_batch = r.spec->batch_size / r.world;
   r.last_checkpoint_step = -1;
+  r.sharded = is_sharded(r.spec) && !is_cuda_job(&r);
   params_from_spec(r.spec, &r.params);
   zn_log_set_context(t->asg->job_id, r.rank);
   zn_model_set_threads(threads_for(t));

@@ -7,7 +7,9 @@
  * significant digits, which read back to the same bits, and the running sum is stored rather
  * than recomputed, so a resumed run takes bit-identical steps. Every rank holds the same state
  * after a step (the allreduce gives all of them the same gradient), so any rank can write one:
- * rank 0 does on schedule and on request, and a rank leaving on SIGTERM does on its way out. */
+ * rank 0 does on schedule and on request, and a rank leaving on SIGTERM does on its way out.
+ * A sharded job's ranks first gather the momentum (trainer.c), so that the file holds the whole
+ * state in the same layout either way. */
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -48,17 +50,23 @@ static void put_meta(meta_set* m, const char* key, const char* fmt, ...) {
   m->n++;
 }
 
+static const char* sharding_name(const Zenith__V1__JobSpec* s) {
+  return s->sharding && s->sharding[0] ? s->sharding : "none";
+}
+
 /* The spec in JSON, for people and tools reading the file; resuming checks only the fields that
  * decide the run's arithmetic (model, batch, seed, window), which are also plain metadata. */
 static char* spec_json(const Zenith__V1__JobSpec* s, const zn_zenith_params* p) {
   json_t* o = json_pack(
-      "{s:s, s:s, s:i, s:i, s:i, s:I, s:I, s:i, s:s, s:{s:f, s:i, s:f, s:b, s:f, s:f, s:f, s:f}}",
+      "{s:s, s:s, s:i, s:i, s:i, s:I, s:I, s:i, s:s, s:s, s:{s:f, s:i, s:f, s:b, s:f, s:f, s:f, "
+      "s:f}}",
       "model", s->model, "dataset", s->dataset ? s->dataset : "", "workers", s->workers,
       "batch_size", s->batch_size, "epochs", s->epochs, "max_steps", (json_int_t)s->max_steps,
       "seed", (json_int_t)s->seed, "eval_every", s->eval_every, "device",
-      s->device ? s->device : "cpu", "optimizer", "lr0", p->lr0, "window", p->window, "momentum",
-      p->momentum, "nesterov", p->nesterov, "weight_decay", p->weight_decay, "decoupled_decay",
-      p->decoupled_decay, "lr_min", p->lr_min, "spike_factor", p->spike_factor);
+      s->device ? s->device : "cpu", "sharding", sharding_name(s), "optimizer", "lr0", p->lr0,
+      "window", p->window, "momentum", p->momentum, "nesterov", p->nesterov, "weight_decay",
+      p->weight_decay, "decoupled_decay", p->decoupled_decay, "lr_min", p->lr_min, "spike_factor",
+      p->spike_factor);
   char* text = o ? json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(17)) : NULL;
   json_decref(o);
   return text;
@@ -72,6 +80,7 @@ static void collect_meta(const run* r, meta_set* m) {
   put_meta(m, "zenith.batch_size", "%d", r->spec->batch_size);
   put_meta(m, "zenith.seed", "%" PRIu64, r->spec->seed);
   put_meta(m, "zenith.workers", "%d", r->world);
+  put_meta(m, "zenith.sharding", "%s", sharding_name(r->spec));
   put_meta(m, "zenith.window_size", "%d", r->params.window);
   put_meta(m, "zenith.step", "%" PRId64, s->step);
   put_meta(m, "zenith.count", "%d", s->count);
@@ -90,7 +99,8 @@ static void collect_meta(const run* r, meta_set* m) {
 static int collect_tensors(const run* r, zn_ckpt_tensor* t, char names[][64], double* window) {
   int n = 0, k = zn_model_num_tensors(r->model);
   for (int pass = 0; pass < 2; pass++) {
-    const float* base = pass == 0 ? zn_model_params(r->model) : r->momentum;
+    const float* momentum = r->momentum_full ? r->momentum_full : r->momentum;
+    const float* base = pass == 0 ? zn_model_params(r->model) : momentum;
     for (int i = 0; i < k; i++, n++) {
       int ndim, shape[4];
       zn_model_tensor_shape(r->model, i, &ndim, shape);
@@ -239,8 +249,12 @@ static int restore_state(run* r, const zn_ckpt* c, char* why, size_t len) {
   return 0;
 }
 
+/* The file holds the whole momentum, whatever the worker count and sharding it was written
+ * with. Sharded, it is read into the gradient buffer (free until the first step) and this rank
+ * keeps its shard; so a job can go on with another number of workers, sharded or not. */
 static int restore(run* r, const zn_ckpt* c, char* why, size_t len) {
   if (!fits(r, c, why, len)) return -1;
+  float* momentum = r->sharded ? zn_model_grads(r->model) : r->momentum;
   int k = zn_model_num_tensors(r->model);
   char name[80];
   for (int i = 0; i < k; i++) {
@@ -252,10 +266,16 @@ static int restore(run* r, const zn_ckpt* c, char* why, size_t len) {
     const char* tn = zn_model_tensor_name(r->model, i);
     snprintf(name, sizeof name, "momentum.%s", tn);
     if (take_tensor(c, tn, ZN_CKPT_F32, zn_model_params(r->model) + off, count, why, len) ||
-        take_tensor(c, name, ZN_CKPT_F32, r->momentum + off, count, why, len))
+        take_tensor(c, name, ZN_CKPT_F32, momentum + off, count, why, len))
       return -1;
   }
+  if (r->sharded)
+    memcpy(r->momentum, momentum + r->plan.lo, (r->plan.hi - r->plan.lo) * sizeof(float));
   return restore_state(r, c, why, len);
+}
+
+static size_t momentum_len(const run* r) {
+  return r->sharded ? r->plan.hi - r->plan.lo : zn_model_num_params(r->model);
 }
 
 static void note_refused(run* r, const char* path, const char* why) {
@@ -284,7 +304,7 @@ int trainer_resume(run* r) {
       note_refused(r, path, why);
       /* A partial copy may have touched the buffers: start them over. */
       zn_model_init(r->model, r->spec->seed);
-      memset(r->momentum, 0, zn_model_num_params(r->model) * sizeof(float));
+      memset(r->momentum, 0, momentum_len(r) * sizeof(float));
       zn_zenith_state_init(&r->params, &r->state, r->window);
       continue;
     }

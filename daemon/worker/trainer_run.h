@@ -12,6 +12,7 @@
 #include "zn_comm.h"
 #include "zn_data.h"
 #include "zn_model.h"
+#include "zn_shard.h"
 
 #define COMM_TIMEOUT_MS 60000
 
@@ -36,8 +37,17 @@ typedef struct {
   zn_zenith_params params;
   zn_zenith_state state; /* as of the last step recorded */
   double* window;
+  /* With sharding "optimizer" each rank keeps the momentum of plan's shard only, and the
+   * gradient and parameter buffers are padded to the plan's blocks; otherwise the plan is the
+   * whole vector on one rank. */
+  int sharded;
+  zn_shard_plan plan;
   float* momentum;
-  float* reduced; /* gradient sum + loss + stop flag */
+  const float* momentum_full; /* the whole momentum for a checkpoint when sharded, else NULL */
+  size_t optimizer_bytes;     /* heap taken by the momentum, measured when it was allocated */
+  int checkpoint_asked;       /* sharded: rank 0 asked for a checkpoint after this step */
+  int someone_leaving;        /* sharded: a rank stops on SIGTERM and needs the momentum */
+  float* reduced;             /* unsharded: gradient sum + loss + stop flag */
   float* batch_x;
   uint8_t* batch_y;
   uint32_t* perm;

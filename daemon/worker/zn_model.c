@@ -175,6 +175,30 @@ int zn_model_create(const char* name, int max_batch, zn_model** out) {
   return ZN_OK;
 }
 
+/* Parameters and gradients move to buffers of `floats` floats, the tail zeroed. The
+ * thread-private gradient buffers keep their size: they are summed over nparams only. */
+int zn_model_reserve(zn_model* m, size_t floats) {
+  if (floats <= m->nparams) return ZN_OK;
+  size_t bytes = round_up(sizeof(float) * floats);
+  float* params = aligned_alloc(ALIGN, bytes);
+  float* grads = aligned_alloc(ALIGN, bytes);
+  if (!params || !grads) {
+    free(params);
+    free(grads);
+    return ZN_ERR_NOMEM;
+  }
+  memset(params, 0, bytes);
+  memset(grads, 0, bytes);
+  memcpy(params, m->params, sizeof(float) * m->nparams);
+  memcpy(grads, m->grads, sizeof(float) * m->nparams);
+  free(m->params);
+  free(m->grads);
+  m->params = params;
+  m->grads = grads;
+  if (m->nshards > 0) m->shards[0].grads = grads; /* shard 0 writes the model's own buffer */
+  return ZN_OK;
+}
+
 void zn_model_destroy(zn_model* m) {
   if (!m) return;
   free_shards(m);

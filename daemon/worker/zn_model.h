@@ -23,6 +23,11 @@ typedef struct zn_model zn_model;
 int zn_model_create(const char* name, int max_batch, zn_model** out);
 void zn_model_destroy(zn_model* m);
 
+/* Makes the parameter and gradient buffers hold at least `floats` floats (zeros past the
+ * parameters), for collectives that work on padded blocks; values are kept. The pointers of
+ * zn_model_params and zn_model_grads change. */
+int zn_model_reserve(zn_model* m, size_t floats);
+
 size_t zn_model_num_params(const zn_model* m);
 float* zn_model_params(zn_model* m);
 float* zn_model_grads(zn_model* m);

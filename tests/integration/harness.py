@@ -444,6 +444,21 @@ class Cluster:
                 for item in self.stub.WatchJob(req, timeout=scaled(timeout))]
 
 
+def checkpoints(c, job_id):
+    """The job's checkpoints as the coordinator lists them, oldest first."""
+    pb2, _ = stubs()
+    return list(c.stub.ListCheckpoints(pb2.ListCheckpointsRequest(id=job_id),
+                                       timeout=scaled(10)).checkpoints)
+
+
+def wait_checkpoint(c, job_id, min_step, timeout=60):
+    """The first checkpoint of the job at min_step or later, once there is one."""
+    def found():
+        cks = [k for k in checkpoints(c, job_id) if k.step >= min_step]
+        return cks[0] if cks else None
+    return wait_until(found, timeout, "a checkpoint of %s at step >= %d" % (job_id, min_step))
+
+
 def metrics_of(items):
     return [m for kind, m in items if kind == "metrics"]
 

@@ -39,6 +39,11 @@ INVALID_SPECS = [
     ("workers zero", dict(model="mlp", workers=0, max_steps=10), ["workers"]),
     ("epochs and max_steps zero", dict(model="mlp", epochs=0, max_steps=0),
      ["epochs", "max_steps"]),
+    ("unknown sharding", dict(model="mlp", max_steps=10, sharding="zero3"),
+     ["sharding: unknown sharding 'zero3'; choose none or optimizer"]),
+    ("optimizer sharding on cuda",
+     dict(model="mlp", max_steps=10, device="cuda", sharding="optimizer"),
+     ["sharding: 'optimizer' runs on cpu jobs only"]),
 ]
 
 # The same mistakes as zenithctl flags.
@@ -58,6 +63,9 @@ INVALID_FLAGS = [
     ("workers zero", ["--model", "mlp", "--workers", 0, "--max-steps", 10], ["workers"]),
     ("epochs and max_steps zero", ["--model", "mlp", "--epochs", 0, "--max-steps", 0],
      ["epochs", "max_steps"]),
+    ("optimizer sharding on cuda",
+     ["--model", "mlp", "--max-steps", 10, "--device", "cuda", "--sharding", "optimizer"],
+     ["sharding: 'optimizer' runs on cpu jobs only", "--sharding none"]),
 ]
 
 # Flags zenithctl itself cannot parse: (flags, the flag the message must name)
@@ -67,6 +75,7 @@ UNPARSABLE_FLAGS = [
     (["--model", "mlp", "--max-steps", 10, "--lr0", "fast"], "--lr0"),
     (["--model", "mlp", "--max-steps", 10, "--momentum", ""], "--momentum"),
     (["--model", "mlp", "--max-steps", 10, "--workers", "99999999999"], "--workers"),
+    (["--model", "mlp", "--max-steps", 10, "--sharding", "zero3"], "--sharding"),
 ]
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
 import harness  # noqa: E402
-from harness import metrics_of, state_name, stubs  # noqa: E402
+from harness import checkpoints, metrics_of, state_name, wait_checkpoint  # noqa: E402
 from test_ckpt_python import load_numpy  # noqa: E402
 
 HEARTBEAT_MS = 200
@@ -31,20 +31,6 @@ DATA_DIR = "/usr/share/datasets/fashion-mnist"
 # and a job of 800 steps still runs long enough to be interrupted.
 JOB = dict(model="mlp", workers=2, batch_size=128, max_steps=800, seed=5, checkpoint_every=100,
            keep_checkpoints=10, name="recovery")
-
-
-def checkpoints(c, job_id):
-    pb2, _ = stubs()
-    return list(c.stub.ListCheckpoints(pb2.ListCheckpointsRequest(id=job_id),
-                                       timeout=harness.scaled(10)).checkpoints)
-
-
-def wait_checkpoint(c, job_id, min_step, timeout=60):
-    def found():
-        cks = [k for k in checkpoints(c, job_id) if k.step >= min_step]
-        return cks[0] if cks else None
-    return harness.wait_until(found, timeout, "a checkpoint of %s at step >= %d" % (job_id,
-                                                                                     min_step))
 
 
 def last_by_step(metrics):
