@@ -221,6 +221,13 @@ int ctl_resume(const ctl_args* a) {
   if (parse_job_command(a, flags, 3, &job) != 0 || parse_workers(workers, &req.workers) != 0 ||
       (sharding && ctl_check_sharding("resume", sharding) != 0))
     return 2;
+  if (from && !from[0]) { /* the coordinator would take "" for "the latest" */
+    fprintf(stderr,
+            "zenithctl resume: --from expects a checkpoint id (`zenithctl checkpoints %s` "
+            "lists them), got ''\n",
+            job);
+    return 2;
+  }
   req.has_workers = req.workers > 0;
   req.id = (char*)job;
   req.from = (char*)from;

@@ -61,7 +61,7 @@ int zn_comm_wait_event(zn_comm* comm, void* event);
  * r being buf[r * count, (r + 1) * count). On return block `rank` holds the element-wise sum of
  * that block over all ranks; the other blocks are scratch and their contents undefined. count
  * may be 0. The order of the additions is fixed, so the same inputs give the same bits on every
- * run. Gloo refuses a buffer of more than INT_MAX bytes with ZN_ERR_INVALID. */
+ * run. */
 int zn_comm_reduce_scatter_sum(zn_comm* comm, float* buf, size_t count);
 
 /* All-gather in place. buf holds size * bytes bytes in size blocks; block `rank`, [rank * bytes,

@@ -9,10 +9,10 @@
  * order and then copied to all others, so every rank ends with the same bits, and the same inputs
  * give the same bits on every run.
  *
- * The reduce-scatter is Gloo's halving-doubling one, an old-style algorithm: see reduce_scatter()
- * below for what it needs around it. Its sums also have a fixed order: (x0 + x1) + x2 for three
- * ranks, (x0 + x1) + (x2 + x3) for four, x0 + x1 for two (the same bits as the ring allreduce,
- * since a + b == b + a). */
+ * The reduce-scatter is a ring over Gloo's point-to-point buffers; see reduce_scatter() below
+ * for why it is not Gloo's own. Its sums have a fixed order too: block b is added up from rank
+ * b + 1 around the ring to rank b itself, so on two ranks it has the ring allreduce's bits
+ * (a + b == b + a). */
 #include "zn_comm_backend.h"
 
 #include <gloo/allgather.h>
@@ -21,17 +21,16 @@
 #include <gloo/broadcast.h>
 #include <gloo/common/error.h>
 #include <gloo/math.h>
-#include <gloo/reduce_scatter.h>
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+#include <gloo/types.h>
 
 #include <chrono>
-#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -95,59 +94,16 @@ class KvStore : public gloo::rendezvous::Store {
   Millis timeout_;
 };
 
-// A send buffer of Gloo's old-style API whose send() returns only once the transport has written
-// all of it. Gloo's TCP pair writes what the socket takes at once and leaves the rest to its event
-// loop, which reads the caller's memory later; meanwhile ReduceScatterHalvingDoubling::run() goes
-// on and, in its distribution phase, copies each rank's result to the start of the buffer, over
-// data that a peer may still be receiving from it. The peer then adds the wrong numbers (seen on
-// two ranks with 4 million floats a block: the tail of rank 0's block was wrong). The receivers
-// read from their sockets on their own event-loop threads, so waiting here cannot deadlock.
-class WrittenSend : public gloo::transport::Buffer {
- public:
-  explicit WrittenSend(std::unique_ptr<gloo::transport::Buffer> inner)
-      : gloo::transport::Buffer(-1, nullptr, 0), inner_(std::move(inner)) {}
-
-  using gloo::transport::Buffer::send;
-
-  void send(size_t offset, size_t length, size_t roffset) override {
-    inner_->send(offset, length, roffset);
-    inner_->waitSend();
-  }
-
-  void waitRecv() override {
-    inner_->waitRecv();
-  }
-
-  // send() has already waited.
-  void waitSend() override {}
-
- private:
-  std::unique_ptr<gloo::transport::Buffer> inner_;
-};
-
-// Gloo's halving-doubling reduce-scatter with every data send replaced by a WrittenSend; the
-// algorithm itself is Gloo's, unchanged.
-class ReduceScatter : public gloo::ReduceScatterHalvingDoubling<float> {
- public:
-  ReduceScatter(const std::shared_ptr<gloo::Context>& context, float* buf, int count,
-                const std::vector<int>& per_rank)
-      : gloo::ReduceScatterHalvingDoubling<float>(context, {buf}, count, per_rank) {
-    for (auto* sends : {&sendDataBufs_, &largerBlockSendDataBufs_, &distSendDataBufs_}) {
-      for (auto& b : *sends) b = std::make_unique<WrittenSend>(std::move(b));
-    }
-  }
-};
+// Gloo's own collectives use slot prefixes 0x01 to 0x08 (gloo/types.h).
+constexpr uint8_t kReduceScatterSlotPrefix = 0x20;
 
 struct GlooComm {
   std::shared_ptr<gloo::rendezvous::Context> context;
   // Every collective gets its own tag so that a message left over from an aborted one can never
   // be matched by the next. All ranks issue the same sequence, so their tags agree.
   uint32_t tag = 0;
-  // The reduce-scatter's constructor registers its buffers with the pairs under slots that it
-  // takes from the context, so it is built once for a buffer and count and then reused.
-  std::unique_ptr<ReduceScatter> reduce_scatter;
-  float* reduce_scatter_buf = nullptr;
-  size_t reduce_scatter_count = 0;
+  // The reduce-scatter's receive buffer: one block, kept between calls.
+  std::vector<float> incoming;
 };
 
 void copy_err(const char* what, char* err, size_t errlen) {
@@ -197,65 +153,53 @@ int gloo_allreduce_sum(void* impl, void* buf, size_t n, zn_comm_dtype dtype, cha
       err, errlen);
 }
 
-// Whether any rank has flag set: an allreduce of one integer, which no rank leaves before every
-// rank has entered it.
-bool any_rank(GlooComm* g, bool flag) {
-  uint32_t n = flag ? 1 : 0;
-  ring_sum(g, &n, 1);
-  return n > 0;
-}
-
 void barrier(GlooComm* g) {
   gloo::BarrierOptions opts(g->context);
   opts.setTag(g->tag++);
   gloo::barrier(opts);
 }
 
-// Gloo's halving-doubling reduce-scatter, with what its run() leaves to the caller.
+// Fails the collective the way Gloo's own do, so that guarded() reports it.
+void wait_or_throw(bool done, const char* what) {
+  if (!done) throw gloo::IoException(std::string("reduce-scatter ") + what + " was aborted");
+}
+
+// A ring reduce-scatter on Gloo's point-to-point buffers. Gloo's own (the old-style
+// ReduceScatterHalvingDoubling of the packaged version) keeps two scratch buffers the size of the
+// whole vector, which would cost more memory than sharding saves, and needs workarounds to be
+// safe to reuse: its sends may still read a region its distribution phase overwrites. A ring
+// needs one block of scratch and nothing around it.
 //
-// Every rank must build it at the same point in its sequence of collectives (the constructor
-// takes slots from the context and registers receive buffers with the pairs), but a buffer's
-// address is each rank's own: one rank may reallocate while another keeps its buffer. So the
-// ranks first agree whether any of them needs a new one, and then all of them rebuild together.
-//
-// run() returns while peers may still be inside it, and nothing in it tells a sender that its
-// receiver is done. Without a meeting point after it, (1) a rank that returns and then closes its
-// connections makes a peer still inside run() fail, because Gloo's old-style receive reports the
-// closed connection before a notification that has already arrived; and (2) in a world whose size
-// is not a power of two, a rank outside the largest power-of-two block could start the next call
-// and overwrite, in the receive buffer of a slower rank, data that rank has not yet added in. A
-// barrier after run() rules out both.
-//
-// The result of rank r lands at the start of the buffer, not in block r, and is moved there.
+// In step s (0 <= s < size - 1) rank r sends its partial sum of block r - s - 1 to rank r + 1 and
+// adds what rank r - 1 sends, its partial of block r - s - 2, to its own. Block b starts at rank
+// b + 1 and is complete when it reaches rank b, after size - 1 steps. A block is never written
+// while it is being sent (it is sent the step after it was written), and every send has finished
+// before the call returns, so the caller may reuse the buffer at once.
 void reduce_scatter(GlooComm* g, float* buf, size_t count) {
   const int size = g->context->size;
   const int rank = g->context->rank;
-  bool stale =
-      !g->reduce_scatter || g->reduce_scatter_buf != buf || g->reduce_scatter_count != count;
-  if (any_rank(g, stale)) {
-    g->reduce_scatter.reset();
-    std::vector<int> per_rank(size, static_cast<int>(count));
-    g->reduce_scatter =
-        std::make_unique<ReduceScatter>(g->context, buf, static_cast<int>(count * size), per_rank);
-    g->reduce_scatter_buf = buf;
-    g->reduce_scatter_count = count;
+  const auto timeout = g->context->getTimeout();
+  const size_t block_bytes = count * sizeof(float);
+  g->incoming.resize(count);
+  auto whole = g->context->createUnboundBuffer(buf, block_bytes * size);
+  auto incoming = g->context->createUnboundBuffer(g->incoming.data(), block_bytes);
+  const int right = (rank + 1) % size, left = (rank + size - 1) % size;
+  const auto slot = gloo::Slot::build(kReduceScatterSlotPrefix, g->tag++);
+  for (int s = 0; s < size - 1; s++) {
+    const size_t send_block = static_cast<size_t>((rank - s - 1 + 2 * size) % size);
+    const size_t add_block = static_cast<size_t>((rank - s - 2 + 2 * size) % size);
+    whole->send(right, slot + static_cast<uint8_t>(s), send_block * block_bytes, block_bytes);
+    incoming->recv(left, slot + static_cast<uint8_t>(s), 0, block_bytes);
+    wait_or_throw(incoming->waitRecv(timeout), "receive");
+    float* mine = buf + add_block * count;
+    const float* theirs = g->incoming.data();
+    for (size_t i = 0; i < count; i++) mine[i] = theirs[i] + mine[i];
+    wait_or_throw(whole->waitSend(timeout), "send");
   }
-  g->reduce_scatter->run();
-  barrier(g);
-  if (rank > 0) memmove(buf + rank * count, buf, count * sizeof(float));
 }
 
 int gloo_reduce_scatter_sum(void* impl, float* buf, size_t count, char* err, size_t errlen) {
   auto* g = static_cast<GlooComm*>(impl);
-  size_t size = static_cast<size_t>(g->context->size);
-  // Gloo keeps the element and byte counts of the whole buffer in an int.
-  if (count > static_cast<size_t>(INT_MAX) / sizeof(float) / size) {
-    snprintf(err, errlen,
-             "gloo's reduce-scatter counts bytes in an int: %zu blocks of %zu floats exceed %d "
-             "bytes",
-             size, count, INT_MAX);
-    return ZN_ERR_INVALID;
-  }
   return guarded([&] { reduce_scatter(g, buf, count); }, err, errlen);
 }
 

@@ -31,7 +31,8 @@ const char* coord_spec_sharding(const Zenith__V1__JobSpec* spec) {
 /* Only the CPU step keeps a shard of the momentum; the GPU step keeps all of it. */
 static int validate_sharding(const char* sharding, const char* device, char* err, size_t errlen) {
   if (strcmp(sharding, "none") != 0 && strcmp(sharding, "optimizer") != 0)
-    FAIL("sharding: unknown sharding '%s'; choose none or optimizer", sharding);
+    FAIL("sharding: unknown sharding '%.40s%s'; choose none or optimizer", sharding,
+         strlen(sharding) > 40 ? "..." : "");
   if (strcmp(sharding, "optimizer") == 0 && strcmp(device, "cuda") == 0)
     FAIL(
         "sharding: 'optimizer' runs on cpu jobs only in this version; use --sharding none for "
@@ -135,8 +136,8 @@ int coord_spec_resume(Zenith__V1__JobSpec* spec, int workers, const char* shardi
   changes[0] = '\0';
   if (workers != 0 && validate_resume_workers(spec, workers, err, errlen) != 0) return -1;
   if (workers != 0 && workers != spec->workers) {
-    used +=
-        (size_t)snprintf(changes, changes_len, "on %d workers (was %d)", workers, spec->workers);
+    used += (size_t)snprintf(changes, changes_len, "on %d worker%s (was %d)", workers,
+                             workers == 1 ? "" : "s", spec->workers);
     spec->has_workers = 1;
     spec->workers = workers;
   }

@@ -554,6 +554,21 @@ static void handle_report(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
   zn_rpc_reply(call, &resp.base);
 }
 
+/* A worker that left on SIGTERM reported an attempt that is already over: another rank's
+ * preemption requeued the job first (a node drain stops several workers at once). The daemon is
+ * going away all the same, so it must not be scheduled again; and if the scheduler has already
+ * put it in the job's next attempt, which it will never start, that attempt is a preemption too
+ * and costs no restart. */
+static void left_late_on_sigterm(coordinator* co, active_job* a, worker* w, int64_t step) {
+  if (a && a->job->state == ZENITH__V1__JOB_STATE__RUNNING && w->attempt == a->attempt &&
+      strcmp(w->job_id, a->job->id) == 0) {
+    coord_ckpt_preempted(co, a, w, step);
+    return;
+  }
+  w->lost = 1;
+  ZN_INFO("worker %s (%s) left on SIGTERM", w->name, w->id);
+}
+
 static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* msg) {
   coordinator* co = ud;
   const Zenith__V1__FinishJobRequest* req = (const void*)msg;
@@ -568,7 +583,10 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     w->job_id[0] = '\0';
   Zenith__V1__FinishJobResponse resp = ZENITH__V1__FINISH_JOB_RESPONSE__INIT;
   zn_rpc_reply(call, &resp.base);
-  if (!current) return; /* the job has ended, or a restart has replaced this attempt */
+  if (!current) { /* the job has ended, or a restart has replaced this attempt */
+    if (req->preempted) left_late_on_sigterm(co, a, w, req->steps);
+    return;
+  }
 
   coord_ckpt_refused(co, a, w, req->refused_checkpoints, req->n_refused_checkpoints);
   if (req->preempted) {
@@ -580,9 +598,13 @@ static void handle_finish(void* ud, zn_rpc_call* call, const ProtobufCMessage* m
     char why[1200];
     snprintf(why, sizeof why, "rank %d (worker %s): %s", rank, w->name,
              req->error && req->error[0] ? req->error : "failed without a message");
-    if (req->collective_failed && !a->held_error) {
-      a->held_error = strdup(why);
-      a->held_until_ms = zn_unix_ms() + co->cfg.worker_timeout_ms;
+    if (req->collective_failed) {
+      /* With three or more ranks, every survivor reports the broken collective: the first
+       * report is held, the others add nothing to it. */
+      if (!a->held_error) {
+        a->held_error = strdup(why);
+        a->held_until_ms = zn_unix_ms() + co->cfg.worker_timeout_ms;
+      }
       return;
     }
     end_job(co, a, ZENITH__V1__JOB_STATE__FAILED, why);

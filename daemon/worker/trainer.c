@@ -366,9 +366,7 @@ static int checkpoint_sharded(run* r, int write, int64_t request) {
   if (!dir || !dir[0]) return ZN_OK; /* no checkpoints: the same on every rank */
   float* full = zn_model_grads(r->model);
   if (zn_shard_gather(r->comm, &r->plan, r->momentum, full) != ZN_OK) {
-    snprintf(r->error, sizeof r->error,
-             "momentum all-gather for the checkpoint at step %lld "
-             "failed: %s",
+    snprintf(r->error, sizeof r->error, "momentum all-gather for a checkpoint at step %lld: %s",
              (long long)r->state.step, zn_comm_error(r->comm));
     return ZN_ERR_COMM;
   }

@@ -10,7 +10,7 @@
  * weights and the momentum. On 2 ranks the reduced gradient is exactly the parent's sum (a sum
  * of two floats has one order), so only the sum of squares is added in another order: eta_t
  * must agree to 1e-12 relative and the weights to a few float ulps. On 3 and 4 ranks
- * Gloo's halving-doubling adds the ranks in another order than the parent. */
+ * the ring reduce-scatter adds the ranks in another order than the parent. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <setjmp.h>

@@ -218,6 +218,58 @@ class Sharding(harness.ClusterTestCase):
         self.c.wait_registered(leaving, count=2)
 
 
+class ShardedRecovery(harness.ClusterTestCase):
+    """Losing workers of sharded jobs: each test has a cluster of its own with fast heartbeats
+    (a worker silent for 2 s is lost), as the tests kill or stop its workers."""
+
+    def cluster(self, names):
+        c = self.new_cluster(heartbeat_ms=200, worker_timeout_ms=2000)
+        c.start_coordinator()
+        for name in names:
+            c.add_worker(name)
+        return c
+
+    def events(self, c, job_id):
+        return [e for kind, e in c.watch(job_id, 30) if kind == "event"]
+
+    def test_sigkill_of_one_of_three_workers_restarts_from_the_checkpoint(self):
+        # Both survivors see the broken collective; the job is restarted once, not failed.
+        c = self.cluster(("w0", "w1", "w2", "w3"))
+        job = c.submit(**dict(JOB, workers=3, sharding="optimizer", max_steps=1500))
+        ck = wait_checkpoint(c, job.id, 100)
+        victim = c.get(job.id).workers[1]
+        c.workers[victim].send(signal.SIGKILL)
+        final = c.wait_final(job.id, timeout=240)
+        self.assertEqual(state_name(final.state), "SUCCEEDED", final.error)
+        self.assertEqual(final.restarts, 1)
+        self.assertNotIn(victim, final.workers)
+        evs = self.events(c, job.id)
+        lost = [e for e in evs if e.kind == "worker_lost"]
+        self.assertEqual(len(lost), 1)
+        self.assertIn(victim, lost[0].message)
+        restarted = [e for e in evs if e.kind == "restarted"]
+        self.assertEqual(len(restarted), 1)
+        self.assertGreaterEqual(int(re.search(r"step (\d+)", restarted[0].message).group(1)),
+                                ck.step)
+
+    def test_sigterm_of_both_workers_at_once_costs_no_restart(self):
+        # A node drain: both ranks write the gathered state and leave; the job goes on with the
+        # two other workers, and neither leaver is given the job again.
+        c = self.cluster(("w0", "w1", "w2", "w3"))
+        job = c.submit(**dict(JOB, sharding="optimizer", max_steps=1500, max_restarts=0))
+        wait_checkpoint(c, job.id, 100)
+        leaving = list(c.get(job.id).workers)
+        for name in leaving:
+            c.workers[name].send(signal.SIGTERM)
+        final = c.wait_final(job.id, timeout=240)
+        self.assertEqual(state_name(final.state), "SUCCEEDED", final.error)
+        self.assertEqual(final.restarts, 0, "a preemption is not a failure")
+        self.assertEqual(set(final.workers) & set(leaving), set())
+        evs = self.events(c, job.id)
+        self.assertEqual([e for e in evs if e.kind == "worker_lost"], [])
+        self.assertGreaterEqual(len([e for e in evs if e.kind == "preempted"]), 1)
+
+
 load_tests = harness.in_definition_order(globals())
 
 if __name__ == "__main__":
