@@ -40,6 +40,7 @@ typedef struct {
   int64_t last_printed_step;
   char id[64];
   char reason[256];
+  char state_line[512]; /* the last "<id> <STATE>: <why>" line printed */
   int jobs_seen;
   double started;
 } view;
@@ -203,17 +204,24 @@ static void show_eval(view* v, const Zenith__V1__EvalResult* e) {
   print_above(v, text);
 }
 
+static int is_final(int state) {
+  return state == ZENITH__V1__JOB_STATE__SUCCEEDED || state == ZENITH__V1__JOB_STATE__FAILED ||
+         state == ZENITH__V1__JOB_STATE__CANCELLED;
+}
+
 static void take_job(view* v, const Zenith__V1__Job* j) {
   if (j->total_steps > 0) v->total_steps = j->total_steps;
   const char* reason = j->reason ? j->reason : "";
   /* The first line says how the job is sharded, unless it is not. */
   const char* sharding = j->spec ? ctl_spec_sharding(j->spec) : "none";
   int header = v->jobs_seen == 0 && strcmp(sharding, "none") != 0;
-  if (header || (reason[0] && strcmp(reason, v->reason) != 0)) {
+  int ending = v->jobs_seen > 0 && is_final(j->state); /* show_end says it, once */
+  if (header || (!ending && reason[0] && strcmp(reason, v->reason) != 0)) {
     char text[512];
     snprintf(text, sizeof text, "%s %s%s%s%s%s", j->id, ctl_state_name(j->state),
              header ? ", sharding " : "", header ? sharding : "", reason[0] ? ": " : "", reason);
     print_above(v, text);
+    snprintf(v->state_line, sizeof v->state_line, "%s", text);
   }
   snprintf(v->reason, sizeof v->reason, "%s", reason);
   if (j->spec) {
@@ -234,16 +242,14 @@ static int show_end(view* v, const Zenith__V1__Job* j) {
     snprintf(text, sizeof text,
              "%s SUCCEEDED: %lld steps in %.1f s; test accuracy %.2f%%, test loss %.4f", j->id,
              (long long)j->step, secs, 100 * j->test_accuracy, j->test_loss);
-  else
-    snprintf(text, sizeof text, "%s %s%s%s", j->id, ctl_state_name(j->state),
-             j->error && j->error[0] ? ": " : "", j->error ? j->error : "");
-  put_text(v, text);
+  else {
+    /* A failed job says why in its error, a cancelled one in its reason. */
+    const char* why = j->error && j->error[0] ? j->error : j->reason ? j->reason : "";
+    snprintf(text, sizeof text, "%s %s%s%s", j->id, ctl_state_name(j->state), why[0] ? ": " : "",
+             why);
+  }
+  if (strcmp(text, v->state_line) != 0) put_text(v, text); /* an ended job's first line said it */
   return ok ? 0 : 1;
-}
-
-static int is_final(int state) {
-  return state == ZENITH__V1__JOB_STATE__SUCCEEDED || state == ZENITH__V1__JOB_STATE__FAILED ||
-         state == ZENITH__V1__JOB_STATE__CANCELLED;
 }
 
 /* Handles one stream item; returns -1 to go on, else the exit code. */

@@ -570,6 +570,44 @@ void coord_ckpt_reload_job(coordinator* co, active_job* a) {
           job->id, from ? from : "step 0");
 }
 
+/* Whether one of the refusals ("PATH: why", as workers report them) names path. */
+static int is_refused(const char* path, char* const* refused, size_t n) {
+  size_t len = path ? strlen(path) : 0;
+  for (size_t i = 0; len && i < n; i++)
+    if (strncmp(refused[i], path, len) == 0 && refused[i][len] == ':') return 1;
+  return 0;
+}
+
+/* The workers refused the job's latest checkpoint and went on from the newest older one they
+ * could read, or from step 0: that one becomes the latest, so that status, a later restart and
+ * the job's events say where the job really continued from. */
+static void step_back_latest(coordinator* co, active_job* a, char* const* refused, size_t n) {
+  Job* job = a->job;
+  const Checkpoint* latest = job->latest_checkpoint;
+  if (!latest || !is_refused(latest->path, refused, n)) return;
+  Checkpoint** list = NULL;
+  size_t count = 0;
+  if (zn_store_list_checkpoints(co->store, job->id, &list, &count) != ZN_OK) return;
+  const Checkpoint* used = NULL;
+  for (size_t i = 0; i < count; i++)
+    if (list[i]->step <= latest->step && !is_refused(list[i]->path, refused, n)) used = list[i];
+  if (used) {
+    coord_record_event(co, a, "checkpoint_used",
+                       "the job continues from checkpoint %s at step %lld, the newest one its "
+                       "workers could read",
+                       used->id, (long long)used->step);
+    set_latest(job, used);
+  } else {
+    coord_record_event(co, a, "checkpoint_used",
+                       "none of the job's checkpoints could be read; it starts again from step 0");
+    ZN_WARN("job %s: none of its checkpoints could be read; it starts again from step 0", job->id);
+    zenith__v1__checkpoint__free_unpacked(job->latest_checkpoint, NULL);
+    job->latest_checkpoint = NULL;
+  }
+  coord_save_job(co, job);
+  zn_store_free_checkpoints(list, count);
+}
+
 void coord_ckpt_refused(coordinator* co, active_job* a, const worker* w, char* const* refused,
                         size_t n) {
   for (size_t i = 0; i < n; i++) {
@@ -579,6 +617,7 @@ void coord_ckpt_refused(coordinator* co, active_job* a, const worker* w, char* c
     ZN_WARN("job %s: worker %s (rank %d) refused checkpoint %s", a->job->id, w->name, w->rank,
             refused[i]);
   }
+  step_back_latest(co, a, refused, n);
 }
 
 /* ---------------------------------------------------------------- ListCheckpoints, ResumeJob */

@@ -192,10 +192,33 @@ class Recovery(harness.ClusterTestCase):
         self.assertIn("digest mismatch", refused)
         self.assertIn(second.path, refused)
         self.assertIn("truncated", refused)
+        used = [e.message for e in evs if e.kind == "checkpoint_used"]
+        self.assertEqual(len(used), 1, used)
+        self.assertIn("checkpoint %s at step %d" % (third.id, third.step), used[0])
         items = c.watch(job.id, 30)
         resumed_at = [i for i, (k, e) in enumerate(items) if k == "event" and e.kind == "resumed"]
         first = next(m for k, m in items[resumed_at[-1]:] if k == "metrics")
         self.assertEqual(first.step, third.step + 1)
+
+    def test_no_readable_checkpoint_says_the_job_starts_again_from_step_0(self):
+        c = self.cluster()
+        job = c.submit(**JOB)
+        wait_checkpoint(c, job.id, 200)
+        c.ctl("cancel", job.id)
+        for ck in checkpoints(c, job.id):
+            with open(ck.path, "r+b") as f:
+                f.truncate(100)
+        out = c.ctl("resume", job.id)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        final = c.wait_final(job.id, timeout=180)
+        self.assertEqual(state_name(final.state), "SUCCEEDED", final.error)
+        used = [e.message for e in events(c, job.id) if e.kind == "checkpoint_used"]
+        self.assertEqual(used, ["none of the job's checkpoints could be read; it starts again "
+                                "from step 0"])
+        items = c.watch(job.id, 30)
+        resumed_at = [i for i, (k, e) in enumerate(items) if k == "event" and e.kind == "resumed"]
+        first = next(m for k, m in items[resumed_at[-1]:] if k == "metrics")
+        self.assertEqual(first.step, 1)
 
     def test_sigterm_of_a_worker_hands_the_job_over_through_a_checkpoint(self):
         c = self.cluster(("w0", "w1", "w2"))

@@ -178,6 +178,8 @@ class ShardingSpec(ShardingCase):
                          % sharded)
         lines = c.ctl("watch", plain).stdout.splitlines()
         self.assertEqual(lines[0], "%s CANCELLED: cancelled by a user" % plain)
+        self.assertEqual(len([line for line in lines if "CANCELLED" in line]), 1,
+                         "the end of an ended job is said once")
 
     def test_job_stored_before_the_field_reads_back_as_none(self):
         c = self.cluster()
