@@ -21,13 +21,7 @@ import torch.nn as nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-
-def model_for(name):
-    if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10))
+from bench_train_torch import build  # the same models as the CPU benchmark
 
 
 def state_bytes(opt):
@@ -42,7 +36,7 @@ def rank_main(rank, world, port, args, sharded, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(args.seed)
-    model = DistributedDataParallel(model_for(args.model))
+    model = DistributedDataParallel(build(args.model))
     kwargs = dict(lr=0.05, momentum=0.9)
     opt = (ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, **kwargs)
            if sharded else torch.optim.SGD(model.parameters(), **kwargs))

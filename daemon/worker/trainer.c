@@ -378,10 +378,22 @@ static int checkpoint_sharded(run* r, int write, int64_t request) {
   return rc;
 }
 
+/* A checkpoint of the state after r->state.step steps, which this rank writes when `write`.
+ * Unsharded, every rank holds the whole state and only a writer does anything; sharded, it is a
+ * collective that every rank enters. ZN_ERR_COMM means a failed gather, after which the job
+ * cannot go on; a failed write is logged and the job goes on. */
+static int checkpoint_by(run* r, int write, int64_t request) {
+  if (r->sharded) return checkpoint_sharded(r, write, request);
+  return write ? trainer_checkpoint(r, request) : ZN_OK;
+}
+
 void trainer_checkpoint_if_leaving(run* r) {
   /* Leaving on SIGTERM (the worker is being taken away): a checkpoint first, so the job goes on
-   * elsewhere from here rather than from the last scheduled one. Any rank can write it. */
-  if (atomic_load(&r->t->stop) == 2 && trainer_checkpoint(r, 0) == ZN_OK) r->preempted = 1;
+   * elsewhere from here rather than from the last scheduled one. Any rank can write it; sharded,
+   * all ranks gather the momentum, when the step's allreduce said that one of them leaves. */
+  int leaving = atomic_load(&r->t->stop) == 2;
+  if (r->sharded ? !r->someone_leaving : !leaving) return;
+  if (checkpoint_by(r, leaving, 0) == ZN_OK && leaving) r->preempted = 1;
 }
 
 /* After a step: rank 0 writes the scheduled checkpoint, or the one the coordinator asked for.
@@ -393,27 +405,16 @@ static int maybe_checkpoint(run* r) {
   int scheduled = every > 0 && r->state.step % every == 0;
   int asked = r->sharded ? r->checkpoint_asked : request > r->checkpoint_answered;
   if (!scheduled && !asked) return ZN_OK;
-  if (r->rank != 0 && !r->sharded) return ZN_OK;
   int64_t answering = asked && r->rank == 0 ? request : 0;
-  int rc = r->sharded ? checkpoint_sharded(r, r->rank == 0, answering)
-                      : trainer_checkpoint(r, answering);
+  int rc = checkpoint_by(r, r->rank == 0, answering);
   if (rc == ZN_OK && answering) r->checkpoint_answered = answering;
   return rc == ZN_ERR_COMM ? rc : ZN_OK;
-}
-
-/* Sharded, a rank leaving on SIGTERM needs its peers' momentum: all of them gather it. */
-static void checkpoint_leaving_sharded(run* r) {
-  if (!r->someone_leaving) return;
-  int leaving = atomic_load(&r->t->stop) == 2;
-  if (checkpoint_sharded(r, leaving, 0) == ZN_OK && leaving) r->preempted = 1;
 }
 
 /* The trained model is kept: a final checkpoint, unless the last step just wrote one. */
 static int final_checkpoint(run* r) {
   if (r->last_checkpoint_step == r->state.step) return ZN_OK;
-  if (r->sharded && checkpoint_sharded(r, r->rank == 0, 0) == ZN_ERR_COMM) return ZN_ERR_COMM;
-  if (!r->sharded && r->rank == 0) trainer_checkpoint(r, 0);
-  return ZN_OK;
+  return checkpoint_by(r, r->rank == 0, 0) == ZN_ERR_COMM ? ZN_ERR_COMM : ZN_OK;
 }
 
 static int run_loop(run* r, double* test_loss, double* test_accuracy) {
@@ -433,10 +434,7 @@ static int run_loop(run* r, double* test_loss, double* test_accuracy) {
   }
   if (r->rank == 0 && r->n_pending) trainer_send_report(r);
   if (stop) {
-    if (r->sharded)
-      checkpoint_leaving_sharded(r);
-    else
-      trainer_checkpoint_if_leaving(r);
+    trainer_checkpoint_if_leaving(r);
     return ZN_ERR_CANCELLED;
   }
   int rc = final_checkpoint(r);

@@ -84,7 +84,8 @@ void trainer_restart_rate_clock(run* r);
  * A failure is logged and returned; the job goes on. */
 int trainer_checkpoint(run* r, int64_t request);
 /* When this worker is being stopped (SIGTERM), writes a checkpoint of the current state and sets
- * r->preempted, so the coordinator continues the job elsewhere from it. */
+ * r->preempted, so the coordinator continues the job elsewhere from it. Every rank calls it once
+ * the loop has stopped: a sharded job's ranks gather the momentum for the one that leaves. */
 void trainer_checkpoint_if_leaving(run* r);
 /* Continues from the first of the assignment's resume_from checkpoints that reads, verifies and
  * fits this job (model, batch, seed, window): parameters, momentum and ZENITH state restored,

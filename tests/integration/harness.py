@@ -320,6 +320,15 @@ class Cluster:
             self.wait_registered(name)
         return w
 
+    def start_daemon(self, name, role, args):
+        """Starts `zenithd ROLE ARGS` beside the cluster's coordinator and workers: a daemon that
+        a test expects to refuse, or to be refused. It logs to the cluster's folder and is
+        stopped with the cluster."""
+        log = os.path.join(self.dir, re.sub(r"[^\w.-]+", "-", name).strip("-") + ".log")
+        d = Daemon(name, [os.path.join(BIN, "zenithd"), role] + list(args), log, daemon_env())
+        self.daemons.append(d)
+        return d
+
     def registrations(self, name):
         """How often the current coordinator has logged `name` registering."""
         pattern = re.compile(r"worker %s registered as w-\d+" % re.escape(name))
@@ -457,6 +466,11 @@ def wait_checkpoint(c, job_id, min_step, timeout=60):
         cks = [k for k in checkpoints(c, job_id) if k.step >= min_step]
         return cks[0] if cks else None
     return wait_until(found, timeout, "a checkpoint of %s at step >= %d" % (job_id, min_step))
+
+
+def events(c, job_id):
+    """The job's events, from its whole WatchJob history."""
+    return [e for kind, e in c.watch(job_id, 30) if kind == "event"]
 
 
 def metrics_of(items):

@@ -143,11 +143,9 @@ class Intruders(harness.ClusterTestCase):
         c = self.new_cluster(heartbeat_ms=200, worker_timeout_ms=2000)
         c.start_coordinator()
         first = c.add_worker("w1")
-        args = [os.path.join(harness.BIN, "zenithd"), "worker", "--coordinator", c.addr,
-                "--name", "w1", "--threads", "1", "--insecure"]
-        second = harness.Daemon("worker w1 (second)", args,
-                                os.path.join(c.dir, "worker-w1-second.log"), harness.daemon_env())
-        c.daemons.append(second)
+        second = c.start_daemon("worker w1 (second)", "worker",
+                                ["--coordinator", c.addr, "--name", "w1", "--threads", "1",
+                                 "--insecure"])
         self.addCleanup(second.stop, signal.SIGKILL)
 
         harness.wait_until(lambda: "in use" in second.log_text(), 10,

@@ -278,11 +278,9 @@ class MetricsListenErrors(harness.ClusterTestCase):
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
         taken = "127.0.0.1:%d" % holder.getsockname()[1]
-        args = [os.path.join(harness.BIN, "zenithd"), "coordinator", "--listen", "127.0.0.1:0",
-                "--state", c.state_dir, "--metrics-listen", taken, "--insecure"]
-        d = harness.Daemon("coordinator", args, os.path.join(c.dir, "coordinator.log"),
-                           harness.daemon_env())
-        c.daemons.append(d)
+        d = c.start_daemon("coordinator", "coordinator",
+                           ["--listen", "127.0.0.1:0", "--state", c.state_dir,
+                            "--metrics-listen", taken, "--insecure"])
         code = d.wait_exit(30)
         log = d.log_text()
         self.assertEqual(code, 1, log)

@@ -21,7 +21,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
 import harness  # noqa: E402
-from harness import checkpoints, metrics_of, state_name, wait_checkpoint  # noqa: E402
+from harness import checkpoints, events, metrics_of, state_name, wait_checkpoint  # noqa: E402
 from test_ckpt_python import load_numpy  # noqa: E402
 
 HEARTBEAT_MS = 200
@@ -40,10 +40,6 @@ def last_by_step(metrics):
     for m in metrics:
         out[m.step] = m
     return [out[s] for s in sorted(out)]
-
-
-def events(c, job_id):
-    return [e for kind, e in c.watch(job_id, 30) if kind == "event"]
 
 
 class Recovery(harness.ClusterTestCase):

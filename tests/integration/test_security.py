@@ -154,11 +154,9 @@ class SecuredCluster(harness.ClusterTestCase):
         c = self.c
         # A two-worker job waits for a second worker; nocert would be the one.
         job = c.submit(model="mlp", max_steps=5, workers=2, name="waits-for-a-second-worker")
-        args = [os.path.join(harness.BIN, "zenithd"), "worker", "--coordinator", c.addr,
-                "--name", "nocert", "--threads", "1", "--tls-ca", self.pki["ca.pem"]]
-        d = harness.Daemon("worker nocert", args, os.path.join(c.dir, "worker-nocert.log"),
-                           harness.daemon_env())
-        c.daemons.append(d)
+        d = c.start_daemon("worker nocert", "worker",
+                           ["--coordinator", c.addr, "--name", "nocert", "--threads", "1",
+                            "--tls-ca", self.pki["ca.pem"]])
         code = d.wait_exit(30)
         log = d.log_text()
         self.assertEqual(code, 1, log)

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
 import harness  # noqa: E402
-from harness import checkpoints, metrics_of, state_name, wait_checkpoint  # noqa: E402
+from harness import checkpoints, events, metrics_of, state_name, wait_checkpoint  # noqa: E402
 from test_ckpt_python import load_numpy  # noqa: E402
 
 # mlp (203,530 parameters) with a global batch of 120, which 1, 2 and 3 workers divide. 600
@@ -229,9 +229,6 @@ class ShardedRecovery(harness.ClusterTestCase):
             c.add_worker(name)
         return c
 
-    def events(self, c, job_id):
-        return [e for kind, e in c.watch(job_id, 30) if kind == "event"]
-
     def test_sigkill_of_one_of_three_workers_restarts_from_the_checkpoint(self):
         # Both survivors see the broken collective; the job is restarted once, not failed.
         c = self.cluster(("w0", "w1", "w2", "w3"))
@@ -243,7 +240,7 @@ class ShardedRecovery(harness.ClusterTestCase):
         self.assertEqual(state_name(final.state), "SUCCEEDED", final.error)
         self.assertEqual(final.restarts, 1)
         self.assertNotIn(victim, final.workers)
-        evs = self.events(c, job.id)
+        evs = events(c, job.id)
         lost = [e for e in evs if e.kind == "worker_lost"]
         self.assertEqual(len(lost), 1)
         self.assertIn(victim, lost[0].message)
@@ -265,7 +262,7 @@ class ShardedRecovery(harness.ClusterTestCase):
         self.assertEqual(state_name(final.state), "SUCCEEDED", final.error)
         self.assertEqual(final.restarts, 0, "a preemption is not a failure")
         self.assertEqual(set(final.workers) & set(leaving), set())
-        evs = self.events(c, job.id)
+        evs = events(c, job.id)
         self.assertEqual([e for e in evs if e.kind == "worker_lost"], [])
         self.assertGreaterEqual(len([e for e in evs if e.kind == "preempted"]), 1)
 
